@@ -1,0 +1,138 @@
+"""Pure-PyTorch backend: any device, the same formula as the Triton kernel.
+
+N is processed in chunks of L elements: each chunk of the K updates (at most ~1 MiB on CPU, so it
+stays in cache) is read once, reduced with two matrix-vector products (weighted sum and sign
+count) and masked. Nothing K×N is ever allocated; the only full-size temporary is ``g``.
+Phase 2 (the server step) runs only once the whole aggregate is known to be finite, so a
+guarded job never touches ``params`` or the optimizer state on bad input.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .batch import ClientBatch
+from .config import MaskConfig, StepConfig
+from .job import Job, Outcome
+
+CPU_CHUNK_BYTES = 1 << 20
+DEVICE_CHUNK_BYTES = 1 << 28
+
+
+def chunk_length(batch: ClientBatch) -> int:
+    """Elements per chunk: K·L·4 bytes stays within the cache budget (CPU) or a memory cap."""
+    budget = CPU_CHUNK_BYTES if batch.device.type == "cpu" else DEVICE_CHUNK_BYTES
+    length = max(4096, budget // (4 * batch.num_clients)) // 1024 * 1024
+    return min(length, batch.numel)
+
+
+def fp32_scalar(x: float) -> float:
+    """``x`` rounded to float32, so both backends multiply by the very same constant."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def mask_threshold(mask: MaskConfig, num_clients: int) -> tuple[float, float]:
+    """(threshold on the score, score → agreement scale). Unweighted: the score is the exact
+    sign count, compared with an integer threshold, and ``A = count · fl32(1/K)``."""
+    if mask.weighted_agreement:
+        return mask.tau, 1.0
+    return mask.count_threshold(num_clients), fp32_scalar(1.0 / num_clients)
+
+
+def mask_from_count(count: Tensor, threshold: float, scale: float, hard: bool
+                    ) -> tuple[Tensor, Tensor]:
+    """(m, A) from the signed count: ``A = |count| · scale``; ``m = 1`` where ``|count| ≥
+    threshold``, else ``A`` (soft) or 0 (hard)."""
+    score = count.abs()
+    agree = score * scale if scale != 1.0 else score
+    keep = score >= threshold
+    return (keep.to(torch.float32) if hard else torch.where(keep, 1.0, agree)), agree
+
+
+def _chunk(batch: ClientBatch, start: int, stop: int, buf: Tensor) -> Tensor:
+    """The updates' columns ``[start, stop)`` as a ``[K, n]`` float32 matrix (a view when the
+    updates already are a float32 matrix, else converted into ``buf``)."""
+    if batch.matrix is not None and batch.dtype == torch.float32:
+        return batch.matrix[:, start:stop]
+    out = buf[: batch.num_clients * (stop - start)].view(batch.num_clients, stop - start)
+    if batch.matrix is not None:
+        out.copy_(batch.matrix[:, start:stop])
+    else:
+        for k, row in enumerate(batch.rows):
+            out[k].copy_(row[start:stop])
+    return out
+
+
+def run(job: Job) -> Outcome:
+    batch, step = job.batch, job.step
+    device, n_total, k_total = batch.device, batch.numel, batch.num_clients
+    length = chunk_length(batch)
+    f32 = dict(dtype=torch.float32, device=device)
+    mean_w = torch.tensor(batch.mean_weights, **f32)
+    agree_w = torch.tensor(batch.mean_weights, **f32) if job.mask.weighted_agreement else None
+    threshold, scale = mask_threshold(job.mask, k_total)
+    hard = job.mask.mask == "hard"
+    split = step is not None and step.placement == "after" and step.kind != "sgd"
+
+    # Phase-1 outputs: g (or, for placement "after", the plain average and the mask).
+    g = job.g_out if job.g_out is not None else (torch.empty(n_total, **f32) if step else None)
+    avg = torch.empty(n_total, **f32) if split else None
+    mask_out = torch.empty(n_total, **f32) if split else None
+    xbuf = torch.empty(k_total * length, **f32)
+    sbuf = torch.empty(k_total * length, **f32)
+    mask_sum = torch.zeros((), **f32)
+    agreement_sum = torch.zeros((), **f32)
+
+    for start in range(0, n_total, length):
+        stop = min(n_total, start + length)
+        x = _chunk(batch, start, stop, xbuf)
+        signs = torch.sign(x, out=sbuf[: x.numel()].view(x.shape))
+        mean = torch.mv(x.t(), mean_w)
+        count = torch.mv(signs.t(), agree_w) if agree_w is not None else signs.sum(0)
+        m, agree = mask_from_count(count, threshold, scale, hard)
+        mask_sum += m.sum()
+        agreement_sum += agree.sum()
+        if job.a_out is not None:
+            job.a_out[start:stop] = agree
+        if g is not None:
+            torch.mul(m, mean, out=g[start:stop])
+        if split:
+            avg[start:stop] = mean
+            mask_out[start:stop] = m
+
+    checked = avg if split else g
+    if job.guard and checked is not None and not bool(torch.isfinite(checked).all()):
+        return Outcome(False, mask_sum, agreement_sum)
+    if split and job.guard and not bool(torch.isfinite(mask_out).all()):
+        return Outcome(False, mask_sum, agreement_sum)
+    if step is not None:
+        for start in range(0, n_total, length):
+            sl = slice(start, min(n_total, start + length))
+            apply_step(step, job.params[sl], tuple(s[sl] for s in job.states),
+                       avg[sl] if split else g[sl], mask_out[sl] if split else None)
+    return Outcome(True, mask_sum, agreement_sum)
+
+
+def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+               mask: Tensor | None = None) -> None:
+    """One server step in place. ``x`` is ``g`` (placement "before") or the unmasked average,
+    in which case ``mask`` multiplies the step (placement "after")."""
+    if step.kind == "sgd":
+        direction = x
+    elif step.kind == "momentum":
+        (velocity,) = states
+        direction = velocity.mul_(step.momentum).add_(x)
+    else:
+        first, second = states
+        first.mul_(step.beta1).add_(x, alpha=1.0 - step.beta1)
+        sq = x * x
+        if step.kind == "adam":
+            second.mul_(step.beta2).add_(sq, alpha=1.0 - step.beta2)
+        elif step.kind == "yogi":
+            second.addcmul_(sq, torch.sign(second - sq), value=-(1.0 - step.beta2))
+        else:
+            second.add_(sq)
+        direction = first / (second.sqrt() + step.eps)
+    if mask is not None:
+        direction = direction * mask
+    params.add_(direction, alpha=step.lr)

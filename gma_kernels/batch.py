@@ -1,0 +1,148 @@
+"""Client updates, validated once: ``ClientBatch`` is what both backends read."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+UPDATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Updates = Tensor | Sequence[Tensor]
+Weights = Tensor | Sequence[float] | None
+
+
+@dataclass(frozen=True)
+class ClientBatch:
+    """K client updates of N elements each, with their normalized weights.
+
+    ``rows`` are 1-D views with unit stride, read where they lie (a ``[K, N]`` tensor is viewed
+    row by row, never copied unless its rows are strided). ``matrix`` is the ``[K, N]`` tensor
+    when one was given. ``mean_weights`` are ``p̄_k = p_k / Σ p`` (float64 on the host).
+    """
+
+    rows: tuple[Tensor, ...]
+    matrix: Tensor | None
+    mean_weights: tuple[float, ...]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.rows)
+
+    @property
+    def numel(self) -> int:
+        return self.rows[0].numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows[0].device
+
+    def agreement_weights(self, weighted: bool) -> tuple[float, ...]:
+        """``a_k``: ``p̄_k`` when weighted, else 1 (the kernels then count signs exactly and
+        scale the count by ``1/K``)."""
+        return self.mean_weights if weighted else (1.0,) * self.num_clients
+
+    def subset(self, keep: Sequence[int], raw_weights: Sequence[float]) -> ClientBatch:
+        """The batch without the dropped clients, weights renormalized over the kept ones."""
+        return ClientBatch(tuple(self.rows[k] for k in keep), None,
+                           _normalize([raw_weights[k] for k in keep]))
+
+
+def _normalize(raw: Sequence[float]) -> tuple[float, ...]:
+    total = math.fsum(raw)
+    return tuple(p / total for p in raw)
+
+
+def check_weights(weights: Weights, num_clients: int) -> tuple[float, ...]:
+    """Weights as host floats: K finite, non-negative numbers with a positive sum."""
+    if weights is None:
+        return (1.0,) * num_clients
+    if isinstance(weights, Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
+        raw = tuple(float(p) for p in weights.detach().double().cpu().tolist())
+    else:
+        try:
+            raw = tuple(float(p) for p in weights)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"weights must be a sequence of numbers or a 1-D tensor: {err}") from None
+    if len(raw) != num_clients:
+        raise ValueError(f"weights has {len(raw)} entries but there are {num_clients} updates")
+    for k, p in enumerate(raw):
+        if not math.isfinite(p):
+            raise ValueError(f"weights[{k}] is not finite ({p})")
+        if p < 0:
+            raise ValueError(f"weights[{k}] is negative ({p})")
+    if math.fsum(raw) <= 0:
+        raise ValueError("weights sum to zero: at least one client needs a positive weight")
+    return raw
+
+
+def check_updates(updates: Updates) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """Updates as unit-stride 1-D rows of one dtype, device and length (and the matrix, if any)."""
+    if isinstance(updates, Tensor):
+        if updates.dim() != 2:
+            raise ValueError(f"updates must be a [K, N] tensor or a sequence of 1-D tensors, "
+                             f"got a tensor of shape {tuple(updates.shape)}")
+        if updates.shape[0] == 0:
+            raise ValueError("updates is empty: no client updates to aggregate")
+        if updates.shape[1] == 0:
+            raise ValueError("updates has N = 0 elements per client")
+        _check_dtype("updates", updates)
+        matrix = updates if updates.stride(1) == 1 else updates.contiguous()
+        return tuple(matrix.unbind(0)), matrix
+    if not isinstance(updates, Sequence) or isinstance(updates, (str, bytes)):
+        raise TypeError(f"updates must be a [K, N] tensor or a sequence of 1-D tensors, "
+                        f"got {type(updates).__name__}")
+    if len(updates) == 0:
+        raise ValueError("updates is empty: no client updates to aggregate")
+    rows = []
+    first = updates[0]
+    for k, u in enumerate(updates):
+        if not isinstance(u, Tensor):
+            raise TypeError(f"updates[{k}] is a {type(u).__name__}, not a tensor")
+        if u.dim() != 1:
+            raise ValueError(f"updates[{k}] must be 1-D, got shape {tuple(u.shape)}")
+        _check_dtype(f"updates[{k}]", u)
+        if u.numel() != first.numel():
+            raise ValueError(f"updates[{k}] has {u.numel()} elements but updates[0] has {first.numel()}")
+        if u.dtype != first.dtype:
+            raise ValueError(f"updates[{k}] is {u.dtype} but updates[0] is {first.dtype}")
+        if u.device != first.device:
+            raise ValueError(f"updates[{k}] is on {u.device} but updates[0] is on {first.device}")
+        rows.append(u if u.stride(0) == 1 else u.contiguous())
+    if first.numel() == 0:
+        raise ValueError("updates have N = 0 elements")
+    return tuple(rows), None
+
+
+def _check_dtype(name: str, t: Tensor) -> None:
+    if t.dtype not in UPDATE_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+
+
+def make_batch(updates: Updates, weights: Weights) -> tuple[ClientBatch, tuple[float, ...]]:
+    """Validate updates and weights; return the batch and the raw (unnormalized) weights."""
+    rows, matrix = check_updates(updates)
+    raw = check_weights(weights, len(rows))
+    return ClientBatch(rows, matrix, _normalize(raw)), raw
+
+
+def check_params(params: Tensor, batch: ClientBatch, name: str = "params") -> None:
+    """``params`` must be a contiguous 1-D float32 tensor of N elements on the updates' device."""
+    if not isinstance(params, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(params).__name__}")
+    if params.dim() != 1 or params.numel() != batch.numel:
+        raise ValueError(f"{name} must be 1-D with {batch.numel} elements (one per update element), "
+                         f"got shape {tuple(params.shape)}")
+    if params.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {params.dtype}")
+    if params.device != batch.device:
+        raise ValueError(f"{name} is on {params.device} but the updates are on {batch.device}")
+    if not params.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is written in place)")

@@ -1,0 +1,101 @@
+"""Validated settings shared by both backends: what to mask and how to step.
+
+Every check on hyperparameters lives here (``__post_init__``), so the kernels never repeat it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+MaskKind = Literal["soft", "hard"]
+OptimizerKind = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
+Placement = Literal["before", "after"]
+NonFinitePolicy = Literal["raise", "drop", "unchecked"]
+
+MASK_KINDS = ("soft", "hard")
+OPTIMIZER_KINDS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+PLACEMENTS = ("before", "after")
+NONFINITE_POLICIES = ("raise", "drop", "unchecked")
+
+#: number of optimizer state buffers each kind keeps (``v`` for momentum, ``m, v`` for adaptive)
+STATE_COUNT = {"sgd": 0, "momentum": 1, "adam": 2, "yogi": 2, "adagrad": 2}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_finite(name: str, value: float, *, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return float(value)
+
+
+def tau_from_agreeing_fraction(fraction: float) -> float:
+    """τ for "at least ``fraction`` of the clients agree on the sign": ``τ = 2·fraction − 1``.
+
+    The workshop paper's prose ("80% of clients agree") is ``tau_from_agreeing_fraction(0.8) = 0.6``;
+    its formula ``I{p·K ≤ |Σ sign|}`` is ``τ = p`` directly.
+    """
+    _check_finite("fraction", fraction, low=0.5, high=1.0)
+    return 2.0 * fraction - 1.0
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """The GMA mask: agreement ``A_j = |Σ_k a_k sign(Δ_kj)|``; ``m_j = 1`` if ``A_j ≥ τ``,
+    else ``A_j`` (soft) or ``0`` (hard). ``rescale`` divides by the density ``mean(m)``."""
+
+    tau: float = 0.4
+    mask: MaskKind = "soft"
+    weighted_agreement: bool = False
+    rescale: bool = False
+
+    def __post_init__(self) -> None:
+        _check_finite("tau", self.tau, low=0.0, high=1.0)
+        _check_choice("mask", self.mask, MASK_KINDS)
+
+    def count_threshold(self, num_clients: int) -> float:
+        """Smallest integer sign count ``c`` with ``c / K ≥ τ`` (exact rational arithmetic), so the
+        unweighted mask is a comparison of integers and bit-identical on every backend."""
+        return float(math.ceil(Fraction(self.tau) * num_clients))
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """A server step on the masked pseudo-gradient ``g`` (Reddi et al. 2021, no bias correction).
+
+    sgd ``w += η g``; momentum ``v = β v + g, w += η v``; adam/yogi/adagrad
+    ``m = β1 m + (1−β1) g``, ``v`` per kind, ``w += η m / (√v + ε)``. With ``placement="after"``
+    the state sees the unmasked average and the mask multiplies the step.
+    """
+
+    kind: OptimizerKind = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-3
+    placement: Placement = "before"
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.kind, OPTIMIZER_KINDS)
+        _check_choice("mask_placement", self.placement, PLACEMENTS)
+        _check_finite("lr", self.lr, low=0.0)
+        _check_finite("momentum", self.momentum, low=0.0, high=1.0)
+        _check_finite("beta1", self.beta1, low=0.0, high=1.0)
+        _check_finite("beta2", self.beta2, low=0.0, high=1.0)
+        _check_finite("eps", self.eps, low=0.0, low_open=True)
+
+    @property
+    def state_count(self) -> int:
+        return STATE_COUNT[self.kind]

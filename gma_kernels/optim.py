@@ -1,0 +1,86 @@
+"""Stateful server optimizers with GMA: SGD, momentum (FedAvgM), Adam, Yogi, Adagrad."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import _torch
+from .batch import Updates, Weights, check_params, make_batch
+from .config import MaskConfig, MaskKind, NonFinitePolicy, OptimizerKind, Placement, StepConfig
+from .engine import GMAStats, execute
+from .job import Job
+
+if TYPE_CHECKING:
+    from .streaming import Accumulator
+
+
+class ServerOptimizer:
+    """Steps a flat float32 parameter buffer with the GMA pseudo-gradient, in place.
+
+    ``step(updates, weights)`` runs the whole aggregation and the optimizer's state update in one
+    fused pass (on GPU). State (``v`` for momentum; ``m``, ``v`` for adam/yogi/adagrad) starts
+    at zero and is saved with ``state_dict()``.
+
+    Example::
+
+        opt = ServerOptimizer(flat.buffer, "adam", lr=0.01, tau=0.4)
+        stats = opt.step([u1, u2, u3], weights=[120, 80, 200])
+    """
+
+    def __init__(self, params: Tensor, kind: OptimizerKind = "sgd", *, lr: float = 1.0,
+                 momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3,
+                 mask_placement: Placement = "before", tau: float = 0.4, mask: MaskKind = "soft",
+                 weighted_agreement: bool = False, rescale: bool = False, backend: str = "auto",
+                 nonfinite: NonFinitePolicy = "raise") -> None:
+        self.step_config = StepConfig(kind, lr, momentum, beta1, beta2, eps, mask_placement)
+        self.mask_config = MaskConfig(tau, mask, weighted_agreement, rescale)
+        if rescale and self._split:
+            raise ValueError("rescale=True needs mask_placement='before' (the density rescale "
+                             "applies to the masked average the optimizer sees)")
+        if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype != torch.float32 \
+                or not params.is_contiguous():
+            raise ValueError("params must be a contiguous 1-D float32 tensor (see flatten_module)")
+        self.params = params
+        self.states = tuple(torch.zeros_like(params) for _ in range(self.step_config.state_count))
+        self.backend = backend
+        self.nonfinite = nonfinite
+
+    @property
+    def _split(self) -> bool:
+        return self.step_config.placement == "after" and self.step_config.kind != "sgd"
+
+    def step(self, updates: Updates, weights: Weights = None) -> GMAStats:
+        """Aggregate the clients' updates with GMA and step ``params`` (and state) in place."""
+        batch, raw = make_batch(updates, weights)
+        check_params(self.params, batch)
+        job = Job(batch, self.mask_config, self.step_config, self.params, self.states)
+        return execute(job, raw, nonfinite=self.nonfinite, backend=self.backend)
+
+    def step_accumulated(self, accumulator: Accumulator) -> GMAStats:
+        """Step from a streaming accumulator's sums instead of a batch of updates."""
+        mean, m, stats = accumulator.finalize(self.mask_config)
+        if accumulator.numel != self.params.numel() or mean.device != self.params.device:
+            raise ValueError(f"accumulator holds {accumulator.numel} elements on {mean.device}; "
+                             f"params has {self.params.numel()} on {self.params.device}")
+        if self._split:
+            _torch.apply_step(self.step_config, self.params, self.states, mean, m)
+        else:
+            _torch.apply_step(self.step_config, self.params, self.states, mean.mul_(m))
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.step_config), "states": [s.clone() for s in self.states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state saved by ``state_dict`` (same optimizer kind and size)."""
+        if state.get("config", {}).get("kind") != self.step_config.kind:
+            raise ValueError(f"state is for optimizer {state.get('config', {}).get('kind')!r}, "
+                             f"this one is {self.step_config.kind!r}")
+        saved = state["states"]
+        if len(saved) != len(self.states) or any(s.shape != t.shape for s, t in zip(saved, self.states)):
+            raise ValueError("saved optimizer state does not match the parameter buffer's size")
+        for target, source in zip(self.states, saved):
+            target.copy_(source)

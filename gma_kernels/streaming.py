@@ -1,0 +1,139 @@
+"""Streaming aggregation: fold client updates in one at a time with O(N) memory.
+
+The accumulator keeps, in one float32 buffer of ``2N + 2`` elements,
+``S = Σ_k p_k Δ_k``, ``C = Σ_k a_k sign(Δ_k)`` (``a_k = 1``, or ``p_k`` when weighted),
+``Σ p_k`` and K. Two accumulators merge by adding their buffers, so a distributed
+aggregation is one ``all_reduce(SUM)`` of ``buffer``. Finalizing gives ``A = |C| / K``
+(or ``|C| / Σp``), the mask and ``S / Σp``: the batch API's result to float32 rounding, with
+the identical unweighted mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _torch
+from .batch import ClientBatch, Updates, Weights, make_batch
+from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, _check_choice
+from .engine import GMAStats, resolve_backend
+
+
+class Accumulator:
+    """Running GMA sums over any number of clients. ``add`` folds updates in (fused kernel on
+    CUDA), ``merge`` adds another accumulator, ``masked_mean`` / ``finalize`` read the result."""
+
+    def __init__(self, numel: int, *, device: torch.device | str = "cpu",
+                 weighted_agreement: bool = False, backend: str = "auto",
+                 nonfinite: NonFinitePolicy = "raise") -> None:
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+            raise ValueError(f"numel must be a positive integer, got {numel!r}")
+        _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.numel = numel
+        self.weighted_agreement = weighted_agreement
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.buffer = torch.zeros(2 * numel + 2, dtype=torch.float32, device=device)
+        self.dropped: list[int] = []
+        self._seen = 0
+
+    @property
+    def total(self) -> Tensor:
+        """``S = Σ p_k Δ_k``."""
+        return self.buffer[: self.numel]
+
+    @property
+    def count(self) -> Tensor:
+        """``C = Σ a_k sign(Δ_k)``."""
+        return self.buffer[self.numel: 2 * self.numel]
+
+    @property
+    def num_clients(self) -> int:
+        return int(round(float(self.buffer[-1])))
+
+    @property
+    def weight_sum(self) -> float:
+        return float(self.buffer[-2])
+
+    def add(self, updates: Updates, weights: Weights = None) -> Accumulator:
+        """Fold in one update (a 1-D tensor) or several (a ``[K, N]`` tensor or a sequence).
+
+        A non-finite update raises, naming its position in the stream, and leaves the
+        accumulator unchanged (``nonfinite="drop"`` skips it and records it in ``dropped``).
+        """
+        if isinstance(updates, Tensor) and updates.dim() == 1:
+            updates = [updates]
+        batch, raw = make_batch(updates, weights)
+        if batch.numel != self.numel or batch.device != self.buffer.device:
+            raise ValueError(f"updates have {batch.numel} elements on {batch.device}; this "
+                             f"accumulator holds {self.numel} on {self.buffer.device}")
+        keep = list(range(batch.num_clients))
+        if self.nonfinite != "unchecked":
+            bad = [k for k, row in enumerate(batch.rows) if not bool(torch.isfinite(row).all())]
+            if bad and self.nonfinite == "raise":
+                names = ", ".join(f"update #{self._seen + k}" for k in bad)
+                raise ValueError(f"{names} contain non-finite values (NaN or inf); "
+                                 "accumulator left unchanged")
+            self.dropped.extend(self._seen + k for k in bad)
+            keep = [k for k in keep if k not in bad]
+        self._seen += batch.num_clients
+        if keep:
+            self._fold(ClientBatch(tuple(batch.rows[k] for k in keep), None,
+                                   tuple(raw[k] for k in keep)))
+        return self
+
+    def _fold(self, batch: ClientBatch) -> None:
+        """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)``; ``batch.mean_weights`` are raw here."""
+        impl = resolve_backend(self.backend, self.buffer.device)
+        if impl is _torch:
+            for row, p in zip(batch.rows, batch.mean_weights):
+                self.total.add_(row, alpha=p)
+                sign = torch.sign(row)
+                self.count.add_(sign, alpha=p if self.weighted_agreement else 1.0)
+        else:
+            impl.fold(batch, self.total, self.count, self.weighted_agreement)
+        self.buffer[-2:] += torch.tensor([math.fsum(batch.mean_weights), batch.num_clients],
+                                         dtype=torch.float32, device=self.buffer.device)
+
+    def merge(self, other: Accumulator) -> Accumulator:
+        """Add another accumulator's sums into this one (same size, device, agreement kind)."""
+        if not isinstance(other, Accumulator):
+            raise TypeError(f"can only merge an Accumulator, got {type(other).__name__}")
+        if (other.numel, other.buffer.device, other.weighted_agreement) != \
+                (self.numel, self.buffer.device, self.weighted_agreement):
+            raise ValueError("accumulators differ in size, device or weighted_agreement")
+        self.buffer += other.buffer
+        self.dropped.extend(other.dropped)
+        return self
+
+    __iadd__ = merge
+
+    def finalize(self, config: MaskConfig) -> tuple[Tensor, Tensor, GMAStats]:
+        """(weighted mean ``S/Σp``, mask ``m`` — divided by its density with ``rescale`` —,
+        stats). Both tensors are new float32 buffers of N elements."""
+        k = self.num_clients
+        if k == 0:
+            raise ValueError("the accumulator holds no client update")
+        if config.weighted_agreement != self.weighted_agreement:
+            raise ValueError("weighted_agreement differs between the mask and the accumulator")
+        weight_sum = self.weight_sum
+        if weight_sum <= 0:
+            raise ValueError("the accumulated weights sum to zero")
+        threshold, scale = _torch.mask_threshold(config, k)
+        count = self.count / weight_sum if config.weighted_agreement else self.count
+        m, agree = _torch.mask_from_count(count, threshold, scale, config.mask == "hard")
+        mean = self.total / weight_sum
+        density = m.mean()
+        stats = GMAStats(density, agree.mean(), k, tuple(self.dropped))
+        if config.rescale:
+            m.mul_(1.0 / (density + 1e-12))
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("the accumulated sum overflowed float32")
+        return mean, m, stats
+
+    def masked_mean(self, *, tau: float = 0.4, mask: MaskKind = "soft",
+                    rescale: bool = False) -> Tensor:
+        """``g = m ⊙ S / Σp``, as ``gma_kernels.masked_mean`` computes it in one batch."""
+        mean, m, _ = self.finalize(MaskConfig(tau, mask, self.weighted_agreement, rescale))
+        return mean.mul_(m)
