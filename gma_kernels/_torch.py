@@ -1,8 +1,9 @@
 """Pure-PyTorch backend: any device, the same formula as the Triton kernel.
 
 N is processed in chunks of L elements: each chunk of the K updates (at most ~1 MiB on CPU, so it
-stays in cache) is read once, reduced with two matrix-vector products (weighted sum and sign
-count) and masked. Nothing K×N is ever allocated; the only full-size temporary is ``g``.
+stays in cache) is read once and reduced (a matrix-vector product for the weighted sum, a sign
+pass and a sum for the count); every ``MASK_BLOCK`` coordinates the mask is applied while the
+block is still in cache. Nothing K×N is ever allocated; the only full-size temporary is ``g``.
 Phase 2 (the server step) runs only once the whole aggregate is known to be finite, so a
 guarded job never touches ``params`` or the optimizer state on bad input.
 """
@@ -17,6 +18,7 @@ from .job import Job, Outcome
 
 CPU_CHUNK_BYTES = 1 << 20
 DEVICE_CHUNK_BYTES = 1 << 28
+MASK_BLOCK = 1 << 17  # coordinates masked together (the per-coordinate ops run on this block)
 
 
 def chunk_length(batch: ClientBatch) -> int:
@@ -41,11 +43,11 @@ def mask_threshold(mask: MaskConfig, num_clients: int) -> tuple[float, float]:
 
 def mask_from_count(count: Tensor, threshold: float, scale: float, hard: bool
                     ) -> tuple[Tensor, Tensor]:
-    """(m, A) from the signed count: ``A = |count| · scale``; ``m = 1`` where ``|count| ≥
-    threshold``, else ``A`` (soft) or 0 (hard)."""
-    score = count.abs()
-    agree = score * scale if scale != 1.0 else score
+    """(m, A) from the signed count, overwriting ``count`` with ``A = |count| · scale``;
+    ``m = 1`` where ``|count| ≥ threshold``, else ``A`` (soft) or 0 (hard)."""
+    score = count.abs_()
     keep = score >= threshold
+    agree = score.mul_(scale) if scale != 1.0 else score
     return (keep.to(torch.float32) if hard else torch.where(keep, 1.0, agree)), agree
 
 
@@ -67,6 +69,7 @@ def run(job: Job) -> Outcome:
     batch, step = job.batch, job.step
     device, n_total, k_total = batch.device, batch.numel, batch.num_clients
     length = chunk_length(batch)
+    block = max(length, min(MASK_BLOCK, n_total))
     f32 = dict(dtype=torch.float32, device=device)
     mean_w = torch.tensor(batch.mean_weights, **f32)
     agree_w = torch.tensor(batch.mean_weights, **f32) if job.mask.weighted_agreement else None
@@ -74,43 +77,48 @@ def run(job: Job) -> Outcome:
     hard = job.mask.mask == "hard"
     split = step is not None and step.placement == "after" and step.kind != "sgd"
 
-    # Phase-1 outputs: g (or, for placement "after", the plain average and the mask).
-    g = job.g_out if job.g_out is not None else (torch.empty(n_total, **f32) if step else None)
-    avg = torch.empty(n_total, **f32) if split else None
+    # ``g`` holds the weighted mean, then (block by block, in cache) the masked mean.
+    g = job.g_out if job.g_out is not None else torch.empty(n_total, **f32)
     mask_out = torch.empty(n_total, **f32) if split else None
     xbuf = torch.empty(k_total * length, **f32)
     sbuf = torch.empty(k_total * length, **f32)
+    count = torch.empty(block, **f32)
     mask_sum = torch.zeros((), **f32)
     agreement_sum = torch.zeros((), **f32)
+    check = torch.zeros((), **f32)
 
-    for start in range(0, n_total, length):
-        stop = min(n_total, start + length)
-        x = _chunk(batch, start, stop, xbuf)
-        signs = torch.sign(x, out=sbuf[: x.numel()].view(x.shape))
-        mean = torch.mv(x.t(), mean_w)
-        count = torch.mv(signs.t(), agree_w) if agree_w is not None else signs.sum(0)
-        m, agree = mask_from_count(count, threshold, scale, hard)
-        mask_sum += m.sum()
+    for lo in range(0, n_total, block):
+        hi = min(n_total, lo + block)
+        for start in range(lo, hi, length):
+            stop = min(hi, start + length)
+            x = _chunk(batch, start, stop, xbuf)
+            torch.mv(x.t(), mean_w, out=g[start:stop])
+            signs = torch.sign(x, out=sbuf[: x.numel()].view(x.shape))
+            if agree_w is None:
+                torch.sum(signs, 0, out=count[start - lo: stop - lo])
+            else:
+                torch.mv(signs.t(), agree_w, out=count[start - lo: stop - lo])
+        mean = g[lo:hi]
+        m, agree = mask_from_count(count[: hi - lo], threshold, scale, hard)
         agreement_sum += agree.sum()
+        mask_sum += m.sum()
+        if job.guard:
+            check += mean.sum()  # NaN/inf propagate; a finite overflow is re-checked below
         if job.a_out is not None:
-            job.a_out[start:stop] = agree
-        if g is not None:
-            torch.mul(m, mean, out=g[start:stop])
+            job.a_out[lo:hi] = agree
         if split:
-            avg[start:stop] = mean
-            mask_out[start:stop] = m
+            mask_out[lo:hi] = m
+        else:
+            mean.mul_(m)
 
-    checked = avg if split else g
-    if job.guard and checked is not None and not bool(torch.isfinite(checked).all()):
-        return Outcome(False, mask_sum, agreement_sum)
-    if split and job.guard and not bool(torch.isfinite(mask_out).all()):
-        return Outcome(False, mask_sum, agreement_sum)
+    if job.guard and not bool(torch.isfinite(check)) and not bool(torch.isfinite(g).all()):
+        return Outcome(False, torch.stack((mask_sum, agreement_sum))[None])
     if step is not None:
-        for start in range(0, n_total, length):
-            sl = slice(start, min(n_total, start + length))
-            apply_step(step, job.params[sl], tuple(s[sl] for s in job.states),
-                       avg[sl] if split else g[sl], mask_out[sl] if split else None)
-    return Outcome(True, mask_sum, agreement_sum)
+        for lo in range(0, n_total, block):
+            sl = slice(lo, min(n_total, lo + block))
+            apply_step(step, job.params[sl], tuple(s[sl] for s in job.states), g[sl],
+                       mask_out[sl] if split else None)
+    return Outcome(True, torch.stack((mask_sum, agreement_sum))[None])
 
 
 def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,

@@ -1,7 +1,8 @@
 """The fused Triton kernel: one launch, one pass over every client's update.
 
 Each program owns ``BLOCK`` coordinates. It reads that slice of each of the K updates once
-(through a table of K row addresses, so a list of tensors is read where it lies), accumulates
+(through a table of K row offsets from one base tensor, so a list of tensors is read where it
+lies), accumulates
 the weighted sum and the sign count in registers, applies the threshold and mask and, in the
 same pass, the server optimizer: state update and parameter write. K and N are runtime
 arguments (no recompilation when the number of clients changes).
@@ -21,7 +22,6 @@ from .job import Job, Outcome
 from ._torch import mask_threshold
 
 OPTIMIZER_CODES = {None: 0, "sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
-TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -30,21 +30,24 @@ def _sign(x):
 
 
 @triton.jit
-def _load_client(table, k, offs, valid, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    row = tl.load(table + k).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        row = tl.multiple_of(row, 16)
-    return tl.load(row + offs, mask=valid, other=0.0).to(tl.float32)
+def _load_client(base, offsets, k, offs, valid, VEC: tl.constexpr):
+    """Row k's slice as float32. Rows are addressed as ``base + offsets[k]`` (in elements) so
+    that, when every row is 16-byte aligned (VEC > 1), the compiler knows it and issues
+    128-bit vector loads; a pointer loaded from memory would carry no alignment."""
+    index = tl.load(offsets + k) + offs
+    if VEC > 1:
+        index = tl.multiple_of(index, VEC)
+    return tl.load(base + index, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _accumulate(table, weights, K, offs, valid, BLOCK: tl.constexpr, DTYPE: tl.constexpr,
-                WEIGHTED: tl.constexpr, ALIGNED: tl.constexpr):
+def _accumulate(base, offsets, weights, K, offs, valid, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                WEIGHTED: tl.constexpr, UNROLL: tl.constexpr):
     """Σ_k p̄_k x_k and Σ_k a_k sign(x_k) over the K rows; ``weights`` holds p̄ then a."""
     total = tl.zeros([BLOCK], tl.float32)
     count = tl.zeros([BLOCK], tl.float32)
-    for k in range(K):
-        x = _load_client(table, k, offs, valid, DTYPE, ALIGNED)
+    for k in tl.range(0, K, loop_unroll_factor=UNROLL):
+        x = _load_client(base, offsets, k, offs, valid, VEC)
         total += tl.load(weights + k) * x
         if WEIGHTED:
             count += tl.load(weights + K + k) * _sign(x)
@@ -54,17 +57,18 @@ def _accumulate(table, weights, K, offs, valid, BLOCK: tl.constexpr, DTYPE: tl.c
 
 
 @triton.jit(do_not_specialize=["N", "K"])
-def _gma_kernel(table, weights, N, K, threshold, scale,
-                params, state1, state2, g_out, a_out, backup, partials, flag,
+def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
+                param_ptr, state1, state2, g_out, a_out, backup, partials, flag,
                 lr, momentum, beta1, beta2, eps,
-                DTYPE: tl.constexpr, WEIGHTED: tl.constexpr, HARD: tl.constexpr,
+                WEIGHTED: tl.constexpr, HARD: tl.constexpr,
                 OPT: tl.constexpr, AFTER: tl.constexpr, GUARD: tl.constexpr,
-                WRITE_G: tl.constexpr, WRITE_A: tl.constexpr, ALIGNED: tl.constexpr,
-                BLOCK: tl.constexpr):
+                WRITE_G: tl.constexpr, WRITE_A: tl.constexpr, VEC: tl.constexpr,
+                BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
-    total, count = _accumulate(table, weights, K, offs, valid, BLOCK, DTYPE, WEIGHTED, ALIGNED)
+    total, count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC, WEIGHTED,
+                               UNROLL)
 
     score = tl.abs(count)
     agree = score * scale
@@ -90,7 +94,7 @@ def _gma_kernel(table, weights, N, K, threshold, scale,
         tl.store(g_out + offs, g, mask=ok)
 
     if OPT > 0:
-        w = tl.load(params + offs, mask=valid, other=0.0)
+        w = tl.load(param_ptr + offs, mask=valid, other=0.0)
         if GUARD:
             tl.store(backup + offs, w, mask=valid)
         if AFTER:
@@ -125,56 +129,71 @@ def _gma_kernel(table, weights, N, K, threshold, scale,
             direction = tl.div_rn(first, tl.sqrt_rn(second) + eps)
         if AFTER:
             direction = direction * m
-        tl.store(params + offs, w + lr * direction, mask=ok)
+        tl.store(param_ptr + offs, w + lr * direction, mask=ok)
 
 
 @triton.jit(do_not_specialize=["N", "K"])
-def _fold_kernel(table, weights, N, K, total, count, DTYPE: tl.constexpr,
-                 WEIGHTED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _fold_kernel(base, offsets, weights, N, K, total, count, WEIGHTED: tl.constexpr,
+                 VEC: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """Streaming fold: ``S += Σ p_k x_k``, ``C += Σ a_k sign(x_k)`` in one pass."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
-    add_total, add_count = _accumulate(table, weights, K, offs, valid, BLOCK, DTYPE, WEIGHTED,
-                                       ALIGNED)
+    add_total, add_count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC,
+                                       WEIGHTED, UNROLL)
     tl.store(total + offs, tl.load(total + offs, mask=valid) + add_total, mask=valid)
     tl.store(count + offs, tl.load(count + offs, mask=valid) + add_count, mask=valid)
 
 
-def launch_config(batch_numel: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): big blocks for big buffers, small ones so tiny buffers still spread."""
-    if batch_numel >= 1 << 20:
-        return 2048, 8
-    return 1024, 4
+LAUNCH = {"BLOCK": 1024, "UNROLL": 1, "num_warps": 4, "num_stages": 1}
+"""Block size, K-loop unrolling, warps and pipeline stages, chosen on an H100 with
+benchmarks/tune_triton.py."""
 
 
-def _row_table(batch: ClientBatch, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(row address table, weights ``p`` then ``a``, whether every row is 16-byte aligned)."""
-    addresses = [row.data_ptr() for row in batch.rows]
-    aligned = all(a % 16 == 0 for a in addresses)
-    agree = batch.mean_weights if weighted else (1.0,) * batch.num_clients
-    weights = torch.tensor(batch.mean_weights + agree, dtype=torch.float32).to(batch.device)
-    return torch.tensor(addresses, dtype=torch.int64).to(batch.device), weights, aligned
+def _row_table(batch: ClientBatch, weighted: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(base tensor, row offsets from it in elements, weights ``p`` then ``a``, VEC, a zeroed
+    int64 guard flag).
+
+    VEC is the number of elements in 16 bytes when every row is 16-byte aligned (vector loads),
+    else 1. Offsets, weights and the flag travel in one pinned host buffer and one asynchronous
+    copy, so building them never waits for the GPU; a matrix's offsets are computed, not
+    gathered."""
+    k, itemsize = batch.num_clients, batch.dtype.itemsize
+    if batch.matrix is not None:
+        base = batch.matrix
+        offsets = batch.matrix.stride(0) * torch.arange(k, dtype=torch.int64)
+        pointers = [base.data_ptr(), base.data_ptr() + batch.matrix.stride(0) * itemsize]
+    else:
+        base = batch.rows[0]
+        pointers = [row.data_ptr() for row in batch.rows]
+        offsets = torch.tensor([(p - pointers[0]) // itemsize for p in pointers], dtype=torch.int64)
+    vec = 16 // itemsize if all(p % 16 == 0 for p in pointers) else 1
+    agree = batch.mean_weights if weighted else (1.0,) * k
+    on_cuda = batch.device.type == "cuda"
+    host = torch.empty(2 * k + 1, dtype=torch.int64, pin_memory=on_cuda)
+    host[:k] = offsets
+    host[k:2 * k].view(torch.float32).copy_(
+        torch.tensor(batch.mean_weights + agree, dtype=torch.float32))
+    host[-1] = 0
+    packed = host.to(batch.device, non_blocking=True) if on_cuda else host
+    return base, packed[:k], packed[k:2 * k].view(torch.float32), vec, packed[-1:]
 
 
 def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted: bool) -> None:
     """Streaming accumulator fold (``batch.mean_weights`` carry the raw weights here)."""
-    table, weights, aligned = _row_table(batch, weighted)
-    block, warps = launch_config(batch.numel)
-    _fold_kernel[(triton.cdiv(batch.numel, block),)](
-        table, weights, batch.numel, batch.num_clients, total, count,
-        DTYPE=TRITON_DTYPES[batch.dtype], WEIGHTED=weighted, ALIGNED=aligned, BLOCK=block,
-        num_warps=warps)
+    base, offsets, weights, vec, _ = _row_table(batch, weighted)
+    _fold_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
+        base, offsets, weights, batch.numel, batch.num_clients, total, count,
+        WEIGHTED=weighted, VEC=vec, **LAUNCH)
 
 
 def run(job: Job) -> Outcome:
     batch, step = job.batch, job.step
     device, n, k = batch.device, batch.numel, batch.num_clients
-    table, weights, aligned = _row_table(batch, job.mask.weighted_agreement)
+    base, offsets, weights, vec, flag = _row_table(batch, job.mask.weighted_agreement)
     threshold, scale = mask_threshold(job.mask, k)
-    block, warps = launch_config(n)
-    grid = triton.cdiv(n, block)
+    grid = triton.cdiv(n, LAUNCH["BLOCK"])
     partials = torch.empty(2 * grid, dtype=torch.float32, device=device)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
     opt = OPTIMIZER_CODES[step.kind if step else None]
     states = tuple(job.states) + (None,) * (2 - len(job.states))
     guard_step = job.guard and step is not None
@@ -183,7 +202,7 @@ def run(job: Job) -> Outcome:
     after = step is not None and step.placement == "after" and step.kind != "sgd"
     dummy = partials  # stands in for pointers a variant never touches
     _gma_kernel[(grid,)](
-        table, weights, n, k, float(threshold), float(scale),
+        base, offsets, weights, n, k, float(threshold), float(scale),
         job.params if step else dummy, states[0] if states[0] is not None else dummy,
         states[1] if states[1] is not None else dummy,
         job.g_out if job.g_out is not None else dummy,
@@ -192,16 +211,15 @@ def run(job: Job) -> Outcome:
         float(step.lr) if step else 0.0, float(step.momentum) if step else 0.0,
         float(step.beta1) if step else 0.0, float(step.beta2) if step else 0.0,
         float(step.eps) if step else 1.0,
-        DTYPE=TRITON_DTYPES[batch.dtype], WEIGHTED=job.mask.weighted_agreement,
+        WEIGHTED=job.mask.weighted_agreement,
         HARD=job.mask.mask == "hard", OPT=opt, AFTER=after, GUARD=job.guard,
-        WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, ALIGNED=aligned,
-        BLOCK=block, num_warps=warps,
+        WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, VEC=vec,
+        **LAUNCH,
     )
-    sums = partials.view(grid, 2).sum(0)
     finite = not job.guard or int(flag.item()) == 0
     if not finite and guard_step:
         _restore(job, backup)
-    return Outcome(finite, sums[0], sums[1])
+    return Outcome(finite, partials.view(grid, 2))
 
 
 def _restore(job: Job, backup: torch.Tensor) -> None:

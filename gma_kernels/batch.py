@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -17,30 +18,39 @@ Weights = Tensor | Sequence[float] | None
 class ClientBatch:
     """K client updates of N elements each, with their normalized weights.
 
-    ``rows`` are 1-D views with unit stride, read where they lie (a ``[K, N]`` tensor is viewed
-    row by row, never copied unless its rows are strided). ``matrix`` is the ``[K, N]`` tensor
-    when one was given. ``mean_weights`` are ``p̄_k = p_k / Σ p`` (float64 on the host).
+    The updates are either ``matrix``, a ``[K, N]`` tensor with unit stride along N (its rows
+    are at a fixed stride, so no per-row work is needed), or ``row_list``, K unit-stride 1-D
+    tensors read where they lie. ``mean_weights`` are ``p̄_k = p_k / Σ p`` (host floats).
     """
 
-    rows: tuple[Tensor, ...]
     matrix: Tensor | None
+    row_list: tuple[Tensor, ...] | None
     mean_weights: tuple[float, ...]
+
+    @cached_property
+    def rows(self) -> tuple[Tensor, ...]:
+        """The K updates as 1-D views (made on first use for a matrix)."""
+        return tuple(self.matrix.unbind(0)) if self.matrix is not None else self.row_list
+
+    @property
+    def _first(self) -> Tensor:
+        return self.matrix if self.matrix is not None else self.row_list[0]
 
     @property
     def num_clients(self) -> int:
-        return len(self.rows)
+        return len(self.mean_weights)
 
     @property
     def numel(self) -> int:
-        return self.rows[0].numel()
+        return self._first.shape[-1]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.rows[0].dtype
+        return self._first.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.rows[0].device
+        return self._first.device
 
     def agreement_weights(self, weighted: bool) -> tuple[float, ...]:
         """``a_k``: ``p̄_k`` when weighted, else 1 (the kernels then count signs exactly and
@@ -49,7 +59,7 @@ class ClientBatch:
 
     def subset(self, keep: Sequence[int], raw_weights: Sequence[float]) -> ClientBatch:
         """The batch without the dropped clients, weights renormalized over the kept ones."""
-        return ClientBatch(tuple(self.rows[k] for k in keep), None,
+        return ClientBatch(None, tuple(self.rows[k] for k in keep),
                            _normalize([raw_weights[k] for k in keep]))
 
 
@@ -83,8 +93,9 @@ def check_weights(weights: Weights, num_clients: int) -> tuple[float, ...]:
     return raw
 
 
-def check_updates(updates: Updates) -> tuple[tuple[Tensor, ...], Tensor | None]:
-    """Updates as unit-stride 1-D rows of one dtype, device and length (and the matrix, if any)."""
+def check_updates(updates: Updates) -> tuple[Tensor | None, tuple[Tensor, ...] | None]:
+    """(matrix, None) for a ``[K, N]`` tensor, else (None, rows): unit stride along N, one
+    dtype, device and length."""
     if isinstance(updates, Tensor):
         if updates.dim() != 2:
             raise ValueError(f"updates must be a [K, N] tensor or a sequence of 1-D tensors, "
@@ -94,8 +105,7 @@ def check_updates(updates: Updates) -> tuple[tuple[Tensor, ...], Tensor | None]:
         if updates.shape[1] == 0:
             raise ValueError("updates has N = 0 elements per client")
         _check_dtype("updates", updates)
-        matrix = updates if updates.stride(1) == 1 else updates.contiguous()
-        return tuple(matrix.unbind(0)), matrix
+        return (updates if updates.stride(1) == 1 else updates.contiguous()), None
     if not isinstance(updates, Sequence) or isinstance(updates, (str, bytes)):
         raise TypeError(f"updates must be a [K, N] tensor or a sequence of 1-D tensors, "
                         f"got {type(updates).__name__}")
@@ -118,7 +128,7 @@ def check_updates(updates: Updates) -> tuple[tuple[Tensor, ...], Tensor | None]:
         rows.append(u if u.stride(0) == 1 else u.contiguous())
     if first.numel() == 0:
         raise ValueError("updates have N = 0 elements")
-    return tuple(rows), None
+    return None, tuple(rows)
 
 
 def _check_dtype(name: str, t: Tensor) -> None:
@@ -128,9 +138,9 @@ def _check_dtype(name: str, t: Tensor) -> None:
 
 def make_batch(updates: Updates, weights: Weights) -> tuple[ClientBatch, tuple[float, ...]]:
     """Validate updates and weights; return the batch and the raw (unnormalized) weights."""
-    rows, matrix = check_updates(updates)
-    raw = check_weights(weights, len(rows))
-    return ClientBatch(rows, matrix, _normalize(raw)), raw
+    matrix, rows = check_updates(updates)
+    raw = check_weights(weights, len(rows) if rows is not None else matrix.shape[0])
+    return ClientBatch(matrix, rows, _normalize(raw)), raw
 
 
 def check_params(params: Tensor, batch: ClientBatch, name: str = "params") -> None:

@@ -46,8 +46,10 @@ def tau_from_agreeing_fraction(fraction: float) -> float:
     The workshop paper's prose ("80% of clients agree") is ``tau_from_agreeing_fraction(0.8) = 0.6``;
     its formula ``I{p·K ≤ |Σ sign|}`` is ``τ = p`` directly.
     """
-    _check_finite("fraction", fraction, low=0.5, high=1.0)
-    return 2.0 * fraction - 1.0
+    fraction = _check_finite("fraction", fraction, low=0.5, high=1.0)
+    # from the shortest decimal form: 2 * 0.8 - 1 is 0.6000000000000001 in floating point,
+    # which would reject 8 agreeing clients out of 10
+    return float(2 * Fraction(repr(fraction)) - 1)
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,20 @@ class MaskConfig:
         _check_choice("mask", self.mask, MASK_KINDS)
 
     def count_threshold(self, num_clients: int) -> float:
-        """Smallest integer sign count ``c`` with ``c / K ≥ τ`` (exact rational arithmetic), so the
-        unweighted mask is a comparison of integers and bit-identical on every backend."""
-        return float(math.ceil(Fraction(self.tau) * num_clients))
+        """Smallest integer sign count ``c`` with ``c / K ≥ τ``, so the unweighted mask is a
+        comparison of integers and bit-identical on every backend.
+
+        ``c / K`` is evaluated as a float64 division, as ``A ≥ τ`` reads: the binary ``τ = 0.4``
+        is a hair above 2/5, so an exact rational comparison would drop the tie ``A = 0.4``
+        (4 of 10 clients) that ``A ≥ τ`` keeps.
+        """
+        k = num_clients
+        c = min(k, max(0, math.ceil(self.tau * k)))
+        while c > 0 and (c - 1) / k >= self.tau:
+            c -= 1
+        while c < k and c / k < self.tau:
+            c += 1
+        return float(c)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from types import ModuleType
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from .batch import ClientBatch
 from .config import NONFINITE_POLICIES, MaskConfig, NonFinitePolicy, _check_choice
-from .job import Job
+from .job import Job, Outcome
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -20,13 +21,26 @@ BACKENDS = ("auto", "triton", "torch")
 @dataclass(frozen=True)
 class GMAStats:
     """Mask statistics of one aggregation: ``density = mean_j m_j``, ``mean_agreement =
-    mean_j A_j`` (0-d float32 tensors on the updates' device, read lazily), the clients dropped
-    for non-finite values and the number of clients aggregated."""
+    mean_j A_j`` (0-d float32 tensors on the updates' device, reduced on first access from the
+    ``[P, 2]`` partial sums), the number of clients aggregated and those dropped for
+    non-finite values."""
 
-    density: Tensor
-    mean_agreement: Tensor
+    sums: Tensor
+    numel: int
     num_clients: int
     dropped: tuple[int, ...] = ()
+
+    @cached_property
+    def _means(self) -> Tensor:
+        return self.sums.sum(0) / self.numel
+
+    @property
+    def density(self) -> Tensor:
+        return self._means[0]
+
+    @property
+    def mean_agreement(self) -> Tensor:
+        return self._means[1]
 
     def as_dict(self) -> dict[str, float]:
         return {"mask_density": float(self.density), "mean_agreement": float(self.mean_agreement),
@@ -101,12 +115,13 @@ def _run(impl: ModuleType, job: Job) -> GMAStats | None:
     if not outcome.finite:
         return None
     g.mul_(1.0 / (outcome.mask_sum / n + 1e-12))
+    if job.guard and not bool(torch.isfinite(g).all()):
+        return None  # the rescale overflowed float32: nothing may reach params
     if job.step is not None:
-        impl.run(Job(ClientBatch((g,), None, (1.0,)), MaskConfig(tau=0.0), job.step, job.params,
+        impl.run(Job(ClientBatch(None, (g,), (1.0,)), MaskConfig(tau=0.0), job.step, job.params,
                      job.states, guard=False))
     return _stats(outcome, job)
 
 
-def _stats(outcome, job: Job) -> GMAStats:
-    n = job.batch.numel
-    return GMAStats(outcome.mask_sum / n, outcome.agreement_sum / n, job.batch.num_clients)
+def _stats(outcome: Outcome, job: Job) -> GMAStats:
+    return GMAStats(outcome.sums, job.batch.numel, job.batch.num_clients)

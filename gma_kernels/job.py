@@ -33,8 +33,12 @@ class Job:
 @dataclass(frozen=True)
 class Outcome:
     """``finite`` is False when a guarded job met a non-finite value and wrote nothing.
-    ``mask_sum`` and ``agreement_sum`` are 0-d float32 tensors: ``Σ_j m_j`` and ``Σ_j A_j``."""
+    ``sums`` is a ``[P, 2]`` float32 tensor of partial sums of ``m`` and ``A`` (P blocks),
+    left unreduced so that nobody pays for statistics they don't read."""
 
     finite: bool
-    mask_sum: Tensor
-    agreement_sum: Tensor
+    sums: Tensor
+
+    @property
+    def mask_sum(self) -> Tensor:
+        return self.sums[:, 0].sum()

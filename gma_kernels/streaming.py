@@ -79,7 +79,7 @@ class Accumulator:
             keep = [k for k in keep if k not in bad]
         self._seen += batch.num_clients
         if keep:
-            self._fold(ClientBatch(tuple(batch.rows[k] for k in keep), None,
+            self._fold(ClientBatch(None, tuple(batch.rows[k] for k in keep),
                                    tuple(raw[k] for k in keep)))
         return self
 
@@ -121,13 +121,14 @@ class Accumulator:
         if weight_sum <= 0:
             raise ValueError("the accumulated weights sum to zero")
         threshold, scale = _torch.mask_threshold(config, k)
-        count = self.count / weight_sum if config.weighted_agreement else self.count
+        # a copy: mask_from_count may work in place, and the sums must survive finalize
+        count = self.count / weight_sum if config.weighted_agreement else self.count.clone()
         m, agree = _torch.mask_from_count(count, threshold, scale, config.mask == "hard")
         mean = self.total / weight_sum
-        density = m.mean()
-        stats = GMAStats(density, agree.mean(), k, tuple(self.dropped))
+        stats = GMAStats(torch.stack((m.sum(), agree.sum()))[None], self.numel, k,
+                         tuple(self.dropped))
         if config.rescale:
-            m.mul_(1.0 / (density + 1e-12))
+            m.mul_(1.0 / (stats.density + 1e-12))
         if not bool(torch.isfinite(mean).all()):
             raise ValueError("the accumulated sum overflowed float32")
         return mean, m, stats

@@ -1,0 +1,1 @@
+"""fedsim: a small federated-learning simulator built on ``gma_kernels``."""

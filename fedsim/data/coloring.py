@@ -1,0 +1,96 @@
+"""Color grayscale digits into the spurious-correlation datasets of the FedGMA experiments.
+
+* Binary Colored MNIST (Arjovsky et al. 2019): label = digit >= 5; the digit is drawn red for
+  label 0 and green for label 1, the color flipped with some probability (per training client,
+  uniform in [0.1, 0.2]; 0.9 in the out-of-distribution test set, which reverses the rule).
+* 10-class Colored MNIST (Arpit et al. 2019): each class owns two foreground and two background
+  colors; out of distribution, foreground and background come from a separate palette of 10
+  colors, independently of the class.
+
+Inputs are grayscale ``[n, 1, H, W]`` in [0, 1]; outputs are RGB ``[n, 3, H, W]``.
+"""
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import torch
+
+#: Range of the per-training-client color-flip probability (binary coloring).
+CLIENT_FLIP_RANGE: tuple[float, float] = (0.1, 0.2)
+#: Flip probability of the in-distribution test set (the training rule).
+ID_TEST_FLIP_PROB = 0.15
+#: Flip probability of the out-of-distribution test set (the rule reversed).
+OOD_FLIP_PROB = 0.9
+
+
+def _hsv(h: float, s: float, v: float) -> list[float]:
+    return list(colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+
+# Class c owns foreground hues c/20 and (c+10)/20 (bright) and background hues a half step
+# further on (dark); the OOD palette uses other hues at a middle brightness.
+TRAIN_FOREGROUNDS = torch.tensor([[_hsv(i / 20, 1.0, 1.0) for i in (c, c + 10)] for c in range(10)])
+TRAIN_BACKGROUNDS = torch.tensor(
+    [[_hsv((i + 0.5) / 20, 0.8, 0.45) for i in (c, c + 10)] for c in range(10)]
+)
+OOD_PALETTE = torch.tensor([_hsv((i + 0.125) / 10, 0.7, 0.75) for i in range(10)])
+
+
+def binary_labels(digits: torch.Tensor) -> torch.Tensor:
+    """Binary Colored-MNIST label: 1 for digit (class) >= 5, else 0."""
+    return (digits >= 5).long()
+
+
+def client_flip_probs(num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """Each training client's color-flip probability, uniform in :data:`CLIENT_FLIP_RANGE`."""
+    return rng.uniform(*CLIENT_FLIP_RANGE, size=num_clients)
+
+
+def color_binary(
+    x: torch.Tensor, y: torch.Tensor, flip_prob: float, rng: np.random.Generator
+) -> torch.Tensor:
+    """Draw each digit red (label 0) or green (label 1), the color flipped with ``flip_prob``.
+
+    ``y`` holds binary labels; the blue channel stays zero.
+    """
+    _check_gray(x, y)
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    if len(y) and (y.min() < 0 or y.max() > 1):
+        raise ValueError("color_binary needs binary labels (0 or 1)")
+    flip = torch.from_numpy(rng.random(len(y)) < flip_prob)
+    green = (y.bool() ^ flip).to(x.dtype).view(-1, 1, 1, 1)
+    return torch.cat([x * (1 - green), x * green, torch.zeros_like(x)], dim=1)
+
+
+def color_multiclass(
+    x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, ood: bool = False
+) -> torch.Tensor:
+    """Paint digit strokes in a foreground color and the rest in a background color.
+
+    In distribution (``ood=False``) both come from the class's own two foreground and two
+    background colors; out of distribution they are two different colors of
+    :data:`OOD_PALETTE`, drawn independently of the class.
+    """
+    _check_gray(x, y)
+    n = len(y)
+    if n and (y.min() < 0 or y.max() >= len(TRAIN_FOREGROUNDS)):
+        raise ValueError(f"color_multiclass needs labels in [0, {len(TRAIN_FOREGROUNDS)})")
+    if ood:
+        k = len(OOD_PALETTE)
+        a = rng.integers(0, k, n)
+        b = (a + rng.integers(1, k, n)) % k  # any other palette color
+        fg, bg = OOD_PALETTE[torch.from_numpy(a)], OOD_PALETTE[torch.from_numpy(b)]
+    else:
+        fg = TRAIN_FOREGROUNDS[y, torch.from_numpy(rng.integers(0, 2, n))]
+        bg = TRAIN_BACKGROUNDS[y, torch.from_numpy(rng.integers(0, 2, n))]
+    fg, bg = fg.to(x.dtype)[:, :, None, None], bg.to(x.dtype)[:, :, None, None]
+    return x * fg + (1 - x) * bg
+
+
+def _check_gray(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"coloring needs grayscale images [n, 1, H, W], got {tuple(x.shape)}")
+    if len(y) != len(x):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")

@@ -1,0 +1,145 @@
+"""The fused Triton kernel (through Triton's interpreter when there is no GPU): block edges, many
+clients, unaligned rows, the per-block guard and its restore, and agreement with the reference
+and with the PyTorch backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gma_kernels as gk
+import reference as ref
+from gk_util import (DEVICE, ON_GPU, assert_close, data_scale, gen, layout, make,
+                     random_values)
+
+
+def _both(updates, w, **kw):
+    return (gk.masked_mean(updates, w, backend="triton", **kw),
+            gk.masked_mean(updates, w, backend="torch", **kw))
+
+
+@pytest.mark.parametrize("n", [1, 2, 1023, 1024, 1025, 2047, 2048, 2049, 3001, 4097, 5000])
+def test_block_edges(n):
+    updates, exact, w = make(n, 3, n, kind="list")
+    tri, tor = _both(updates, w, tau=0.34, mask="hard")
+    expected = ref.masked_mean(exact, w, tau=0.34, mask="hard")
+    assert_close(tri, expected, scale=data_scale(exact))
+    assert torch.equal(tri != 0, tor != 0)  # the same mask, coordinate by coordinate
+    a = gk.agreement(updates, backend="triton")
+    assert torch.equal(a, gk.agreement(updates, backend="torch"))
+    assert a.shape == (n,)
+
+
+@pytest.mark.parametrize("k,n", [(300, 1), (300, 7), (129, 33), (64, 1025)],
+                         ids=lambda v: str(v))
+def test_many_clients(k, n):
+    updates, exact, w = make(k + n, k, n, torch.float16, "matrix")
+    for mask in ("soft", "hard"):
+        tri, stats = gk.masked_mean(updates, w, tau=0.1, mask=mask, backend="triton",
+                                    return_stats=True)
+        assert_close(tri, ref.masked_mean(exact, w, tau=0.1, mask=mask), scale=data_scale(exact))
+        assert float(stats.density) == pytest.approx(ref.density(exact, w, tau=0.1, mask=mask),
+                                                     rel=1e-5)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_unaligned_rows(offset, dtype):
+    """Rows that start at odd addresses (not 16-byte aligned) are read correctly."""
+    values = random_values(gen(offset), 4, 1500)
+    low = values.to(dtype)
+    storage = torch.full((4 * 1500 + offset,), 555.0, dtype=dtype, device=DEVICE)
+    rows = [storage[offset + i * 1500: offset + (i + 1) * 1500] for i in range(4)]
+    for r, v in zip(rows, low):
+        r.copy_(v.to(DEVICE))
+    assert rows[0].data_ptr() % 16 != 0
+    out = gk.masked_mean(rows, tau=0.5, backend="triton")
+    exact = low.double()
+    assert_close(out, ref.masked_mean(exact, tau=0.5), scale=data_scale(exact))
+
+
+def test_rows_in_any_order_of_memory():
+    """The row table follows the list, not memory order: a reversed list of views."""
+    updates, exact, w = make(5, 6, 1100, kind="row_views")
+    rev = updates[::-1]
+    out = gk.masked_mean(rev, w[::-1], tau=0.5, mask="hard", backend="triton")
+    assert_close(out, ref.masked_mean(exact.flip(0), w[::-1], tau=0.5, mask="hard"),
+                 scale=data_scale(exact))
+
+
+def test_same_tensor_twice():
+    updates, exact, _ = make(6, 1, 777, kind="list")
+    out = gk.masked_mean([updates[0], updates[0], updates[0]], [1, 2, 3], tau=1.0,
+                         backend="triton")
+    assert_close(out, exact[0], scale=data_scale(exact))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "yogi", "adagrad"])
+@pytest.mark.parametrize("where", [0, 1500, 3000], ids=["first-block", "mid-block", "last-block"])
+def test_guard_restores_every_block(kind, where):
+    """A NaN in one block: the blocks that were already stepped are restored bit for bit."""
+    n = 3001
+    params = torch.randn(n, generator=gen(1)).to(DEVICE)
+    opt = gk.ServerOptimizer(params, kind, lr=0.3, tau=0.3, backend="triton")
+    good, _, w = make(2, 4, n, kind="list")
+    opt.step(good, w)  # non-zero state
+    before = [params.clone()] + [s.clone() for s in opt.states]
+    bad, _, _ = make(3, 4, n, kind="list")
+    bad[2][where] = float("nan")
+    with pytest.raises(ValueError, match=r"updates\[2\]"):
+        opt.step(bad, w)
+    for t, b in zip([params, *opt.states], before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("block,warps", [(256, 2), (2048, 8)])
+def test_other_block_sizes(monkeypatch, block, warps):
+    """The kernel is correct for any BLOCK the launcher may pick (tuning must not break it)."""
+    from gma_kernels import _triton
+    monkeypatch.setattr(_triton, "launch_config", lambda numel: (block, warps))
+    updates, exact, w = make(block, 3, 3001, torch.bfloat16, "list")
+    params = torch.full((3001,), 0.5, device=DEVICE)
+    _, stats = gk.gma_step(params, updates, w, lr=0.5, tau=1.0, mask="hard", backend="triton",
+                           return_stats=True)
+    g = ref.masked_mean(exact, w, tau=1.0, mask="hard")
+    assert_close(params, 0.5 + 0.5 * g, scale=1.0)
+    assert float(stats.density) == pytest.approx(ref.density(exact, w, tau=1.0, mask="hard"),
+                                                 rel=1e-6)
+    acc = gk.Accumulator(3001, device=DEVICE, backend="triton").add(updates, w)
+    assert_close(acc.masked_mean(tau=1.0, mask="hard"), g, scale=data_scale(exact))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_number_of_clients_changes_between_calls(k):
+    """K is a runtime argument: the same compiled kernel serves every K correctly."""
+    updates, exact, w = make(40 + k, k, 999, kind="list")
+    out = gk.masked_mean(updates, w, tau=0.6, backend="triton")
+    assert_close(out, ref.masked_mean(exact, w, tau=0.6), scale=data_scale(exact))
+
+
+def test_outputs_fully_written():
+    """masked_mean / agreement return fresh buffers: every element is written (N = 1025 leaves a
+    one-element last block)."""
+    updates, exact, _ = make(50, 3, 1025, zeros=0.0)
+    for _ in range(2):  # a second call may reuse the allocator's memory holding old values
+        a = gk.agreement(updates, backend="triton")
+        g = gk.masked_mean(updates, tau=0.0, backend="triton")
+        assert torch.isfinite(a).all() and torch.isfinite(g).all()
+        assert_close(a, ref.agreement(exact), scale=1.0)
+        assert_close(g, ref.average(exact), scale=data_scale(exact))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: compiled kernel on device memory")
+def test_cuda_list_of_tensors_in_separate_allocations():
+    updates, exact, w = make(60, 16, 1 << 16, torch.bfloat16, "list")
+    out = gk.masked_mean(updates, w, tau=0.4, backend="triton")
+    assert_close(out, ref.masked_mean(exact, w, tau=0.4), scale=data_scale(exact))
+
+
+def test_values_are_read_in_their_dtype_not_reinterpreted():
+    """fp16/bf16 rows go through a typed pointer: a bf16 row read as fp16 would give garbage."""
+    values = torch.tensor([[1.5, -2.25, 3.0, 0.0], [0.5, 2.0, -1.0, 4.0]], dtype=torch.float64)
+    for dtype in (torch.float16, torch.bfloat16):
+        updates, exact = layout(values, dtype, "list")
+        out = gk.masked_mean(updates, tau=0.0, backend="triton").cpu()
+        assert torch.equal(out, torch.tensor([1.0, -0.125, 1.0, 2.0]))
