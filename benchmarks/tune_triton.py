@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import torch
 
@@ -35,6 +36,27 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / cuda_time(lambda: dst.copy_(src))
 
 
+def host_overhead() -> dict[str, float]:
+    """Microseconds of host time per ``gma_step`` call at a tiny N (the GPU work is negligible,
+    so this is what a call costs the CPU: validation, the table copy and the launch)."""
+    out = {}
+    for k in (8, 64):
+        U = torch.randn(k, 4096, device="cuda")
+        p = torch.zeros(4096, device="cuda")
+        w = [1.0] * k
+        for layout, updates in (("matrix", U), ("list", list(U))):
+            for guard in ("unchecked", "raise"):
+                for _ in range(10):
+                    gk.gma_step(p, updates, w, backend="triton", nonfinite=guard)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(200):
+                    gk.gma_step(p, updates, w, backend="triton", nonfinite=guard)
+                torch.cuda.synchronize()
+                out[f"K={k}/{layout}/{guard}"] = (time.perf_counter() - start) / 200 * 1e6
+    return out
+
+
 def reference(U: torch.Tensor, w: torch.Tensor, params: torch.Tensor, tau: float, lr: float):
     U64, p = U.double(), (w.double() / w.double().sum())
     agree = torch.sign(U64).mean(0).abs()
@@ -63,6 +85,7 @@ def main(out_path: str) -> None:
                 "max_abs_err": float((got.double() - expect).abs().max()),
                 "max_abs_err_rows": float((got_rows.double() - expect).abs().max()),
                 "agreement_identical": bool(torch.equal(mask_t, mask_c))})
+    results["host_overhead_us"] = host_overhead()
     default_launch = dict(_triton.LAUNCH)
     candidates = [(1024, 4, 1, 1), (1024, 4, 1, 4), (1024, 4, 3, 1), (2048, 4, 1, 2),
                   (2048, 8, 3, 2), (1024, 8, 1, 4)]

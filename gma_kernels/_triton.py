@@ -13,6 +13,7 @@ can restore them. Per-program partial sums of ``m`` and ``A`` give the mask stat
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -159,22 +160,20 @@ def _row_table(batch: ClientBatch, weighted: bool
     copy, so building them never waits for the GPU; a matrix's offsets are computed, not
     gathered."""
     k, itemsize = batch.num_clients, batch.dtype.itemsize
+    on_cuda = batch.device.type == "cuda"
+    host = torch.empty(2 * k + 1, dtype=torch.int64, pin_memory=on_cuda)
+    fill = host.numpy()  # filled through NumPy: no per-element torch ops on the hot path
     if batch.matrix is not None:
         base = batch.matrix
-        offsets = batch.matrix.stride(0) * torch.arange(k, dtype=torch.int64)
+        fill[:k] = batch.matrix.stride(0) * np.arange(k, dtype=np.int64)
         pointers = [base.data_ptr(), base.data_ptr() + batch.matrix.stride(0) * itemsize]
     else:
         base = batch.rows[0]
         pointers = [row.data_ptr() for row in batch.rows]
-        offsets = torch.tensor([(p - pointers[0]) // itemsize for p in pointers], dtype=torch.int64)
+        fill[:k] = (np.array(pointers, dtype=np.int64) - pointers[0]) // itemsize
     vec = 16 // itemsize if all(p % 16 == 0 for p in pointers) else 1
-    agree = batch.mean_weights if weighted else (1.0,) * k
-    on_cuda = batch.device.type == "cuda"
-    host = torch.empty(2 * k + 1, dtype=torch.int64, pin_memory=on_cuda)
-    host[:k] = offsets
-    host[k:2 * k].view(torch.float32).copy_(
-        torch.tensor(batch.mean_weights + agree, dtype=torch.float32))
-    host[-1] = 0
+    fill[k:2 * k].view(np.float32)[:] = batch.mean_weights + batch.agreement_weights(weighted)
+    fill[-1] = 0
     packed = host.to(batch.device, non_blocking=True) if on_cuda else host
     return base, packed[:k], packed[k:2 * k].view(torch.float32), vec, packed[-1:]
 

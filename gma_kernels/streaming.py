@@ -56,14 +56,17 @@ class Accumulator:
     def weight_sum(self) -> float:
         return float(self.buffer[-2])
 
-    def add(self, updates: Updates, weights: Weights = None) -> Accumulator:
-        """Fold in one update (a 1-D tensor) or several (a ``[K, N]`` tensor or a sequence).
+    def add(self, updates: Updates, weights: Weights | float = None) -> Accumulator:
+        """Fold in one update (a 1-D tensor, with one number as its weight) or several (a
+        ``[K, N]`` tensor or a sequence, with K weights).
 
         A non-finite update raises, naming its position in the stream, and leaves the
         accumulator unchanged (``nonfinite="drop"`` skips it and records it in ``dropped``).
         """
         if isinstance(updates, Tensor) and updates.dim() == 1:
             updates = [updates]
+            if isinstance(weights, (int, float)):
+                weights = [weights]
         batch, raw = make_batch(updates, weights)
         if batch.numel != self.numel or batch.device != self.buffer.device:
             raise ValueError(f"updates have {batch.numel} elements on {batch.device}; this "

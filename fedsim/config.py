@@ -1,0 +1,227 @@
+"""Every setting of a run, and every check on it: a ``Config`` that exists is a valid one.
+
+Loaded from TOML (flat keys, the field names below) and/or the command line, whose flags are
+the same names in kebab case (``fedsim.run`` builds them from the fields and their help).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gma_kernels.config import MASK_KINDS, OPTIMIZER_KINDS, PLACEMENTS
+
+from .algorithms import ALGORITHMS
+from .data import DATASETS
+from .data.splits import SPLITS, check_split_args
+from .models import MODELS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """An impossible setting, refused before any work starts."""
+
+
+def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A field with its help text and, for a named choice, the valid names (checked, and listed
+    in ``--help``)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    """A federated experiment: data, model, local training, server, GMA and the run itself."""
+
+    # data
+    dataset: str = _setting("colored-digits", "dataset", DATASETS)
+    data_dir: str | None = _setting(None, "folder of downloaded datasets (default: ./data)")
+    download: bool = _setting(False, "download torchvision datasets when missing")
+    num_clients: int = _setting(10, "number of clients the training set is split among")
+    split: str = _setting("shards", "how the training set is split among clients", SPLITS)
+    alpha: float = _setting(0.5, "Dirichlet concentration (split = dirichlet)")
+    min_client_size: int = _setting(10, "fewest examples per client (split = dirichlet)")
+    max_train: int | None = _setting(None, "keep at most this many training examples")
+    # model and local training
+    model: str = _setting("cnn", "model architecture", MODELS)
+    local_epochs: int = _setting(2, "local epochs per round (ignored when local_steps is set)")
+    local_steps: int | None = _setting(None, "local SGD steps per round, instead of epochs")
+    batch_size: int = _setting(32, "local batch size")
+    lr: float = _setting(0.2, "local SGD learning rate")
+    weight_decay: float = _setting(0.0, "local L2 weight decay")
+    # federation and server
+    algorithms: tuple[str, ...] = _setting(("fedavg", "fedgma"), "client algorithms to compare, "
+                                           "on the same data and seeds", ALGORITHMS)
+    rounds: int = _setting(30, "communication rounds")
+    clients_per_round: int = _setting(10, "clients sampled each round")
+    server_optimizer: str = _setting("sgd", "server optimizer", OPTIMIZER_KINDS)
+    server_lr: float = _setting(1.0, "server learning rate")
+    server_momentum: float = _setting(0.9, "server momentum (server_optimizer = momentum)")
+    server_beta1: float = _setting(0.9, "server beta1 (adam, yogi, adagrad)")
+    server_beta2: float = _setting(0.99, "server beta2 (adam, yogi)")
+    server_eps: float = _setting(1e-3, "server epsilon (adam, yogi, adagrad)")
+    # gradient masked averaging (algorithms with GMA only)
+    gma_tau: float = _setting(0.4, "agreement threshold tau in [0, 1]")
+    gma_mask: str = _setting("soft", "mask kind", MASK_KINDS)
+    gma_placement: str = _setting("before", "mask the average before the optimizer, or its step after",
+                                   PLACEMENTS)
+    gma_rescale: bool = _setting(False, "divide the masked average by the mask density")
+    gma_weighted_agreement: bool = _setting(False, "weight the sign agreement by client size")
+    # the run
+    seeds: tuple[int, ...] = _setting((0, 1), "seeds (data split, model init, sampling)")
+    eval_every: int = _setting(5, "evaluate every n rounds (and at the last)")
+    checkpoint_every: int = _setting(1, "checkpoint every n rounds (and at the last)")
+    device: str = _setting("cpu", "cpu, cuda, cuda:N or auto")
+    deterministic: bool = _setting(True, "deterministic cuDNN kernels, so CUDA reruns and resumed runs "
+                                   "match bit for bit (CPU runs always do)")
+    threads: int = _setting(0, "torch CPU threads (0: half the cores, 1 to 4)")
+    out_dir: str = _setting("runs", "folder that holds run folders")
+    name: str | None = _setting(None, "run name (default: dataset and methods)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
+        try:
+            self._check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _check(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"]:
+                value = getattr(self, f.name)
+                for v in value if isinstance(value, tuple) else (value,):
+                    if v not in f.metadata["choices"]:
+                        raise ValueError(f"{f.name}: unknown name {v!r}; valid: "
+                                         f"{', '.join(f.metadata['choices'])}")
+        check_split_args(self.split, self.num_clients, self.alpha)
+        if not 1 <= self.clients_per_round <= self.num_clients:
+            raise ValueError(f"clients_per_round={self.clients_per_round} must be between 1 and "
+                             f"num_clients={self.num_clients}")
+        if not self.algorithms:
+            raise ValueError("algorithms is empty: name at least one")
+        _unique("algorithms", self.algorithms)
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed")
+        _unique("seeds", self.seeds)
+        for name in ("max_train", "local_epochs", "local_steps", "batch_size",
+                     "rounds", "eval_every", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("threads", self.threads, 0)
+        _at_least("min_client_size", self.min_client_size, 0)
+        for seed in self.seeds:
+            _at_least("seeds", seed, 0)
+        _number("lr", self.lr, low=0.0, low_open=True)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _number("server_lr", self.server_lr, low=0.0, low_open=True)
+        for name in ("server_momentum", "server_beta1", "server_beta2", "gma_tau"):
+            _number(name, getattr(self, name), low=0.0, high=1.0)
+        _number("server_eps", self.server_eps, low=0.0, low_open=True)
+        if self.gma_rescale and self.gma_placement == "after" and self.server_optimizer != "sgd":
+            raise ValueError("gma_rescale needs gma_placement='before' with a stateful "
+                             f"server_optimizer ({self.server_optimizer!r})")
+        self.torch_device()
+
+    def torch_device(self) -> torch.device:
+        """The device to run on ("auto": CUDA when available)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device={self.device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: only cpu and cuda are supported")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r} but CUDA is not available here")
+        return device
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.dataset}-{'-'.join(self.algorithms)}"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "settings") -> Config:
+        """A Config from a flat mapping of field names; unknown keys are refused."""
+        unknown = sorted(set(values) - set(FIELD_TYPES))
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)} "
+                              f"(valid: {', '.join(FIELD_TYPES)})")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> Config:
+        """Load a TOML file; ``overrides`` (e.g. command-line flags) win over its keys."""
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from None
+        return cls.from_dict({**values, **overrides}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_toml(self) -> str:
+        """The resolved settings as TOML (unset optional settings are left out)."""
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items() if v is not None)
+
+
+#: each setting's type, by name
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Config)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type (lists become tuples, ints become floats), or ConfigError."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):  # X | None
+        return None if value is None else _coerce(name, value, args[0])
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(name, v, args[0]) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _unique(name: str, values: tuple) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {', '.join(map(str, values))}")
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _number(name: str, value: float, *, low: float, high: float | None = None,
+            low_open: bool = False) -> None:
+    if not math.isfinite(value) or value < low or (low_open and value == low) \
+            or (high is not None and value > high):
+        bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"

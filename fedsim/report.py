@@ -1,0 +1,98 @@
+"""Metrics files, the summary table and the accuracy plot of a run folder."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write
+
+#: one metrics row per round per method per seed; evaluation columns are None between evaluations
+COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreement",
+           "test_acc", "test_loss", "ood_acc", "ood_loss")
+FINAL_METRICS = ("test_acc", "ood_acc")
+
+
+def write_metrics(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` (empty cells where a metric is None)."""
+    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(run_dir / "metrics.csv", text.getvalue())
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per method and final metric: the value at each seed's last round, their mean and std
+    (sample standard deviation over seeds; 0 with one seed). OOD is None without an OOD set."""
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["method"], row["seed"])
+        if key not in last or row["round"] > last[key]["round"]:
+            last[key] = row
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for (method, seed), row in last.items():
+        for metric in FINAL_METRICS:
+            entry = summary.setdefault(method, {}).setdefault(metric, {"per_seed": {}})
+            entry["per_seed"][seed] = row[metric]
+    for metrics in summary.values():
+        for entry in metrics.values():
+            values = [v for v in entry["per_seed"].values() if v is not None]
+            entry["mean"] = statistics.fmean(values) if values else None
+            entry["std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+    return summary
+
+
+def format_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A plain-text table: one line per method, accuracy in % as mean ± std over seeds."""
+    def cell(entry: dict[str, Any]) -> str:
+        if entry["mean"] is None:
+            return "n/a"
+        return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
+
+    header = ("method", "seeds", "ID accuracy %", "OOD accuracy %")
+    lines = [(m, str(len(s["test_acc"]["per_seed"])), cell(s["test_acc"]), cell(s["ood_acc"]))
+             for m, s in summary.items()]
+    widths = [max(len(r[i]) for r in (header, *lines)) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt.format(*header), rule, *(fmt.format(*r) for r in lines)])
+
+
+def write_results(run_dir: Path, summary: dict, **extra: Any) -> None:
+    atomic_write(run_dir / "results.json", json.dumps({"summary": summary, **extra}, indent=2) + "\n")
+
+
+def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``accuracy.png``: accuracy per round per method, mean over seeds (ID solid, OOD dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        color = f"C{i}"
+        for metric, style, label in (("test_acc", "-", "ID"), ("ood_acc", "--", "OOD")):
+            by_round: dict[int, list[float]] = {}
+            for r in rows:
+                if r["method"] == method and r[metric] is not None:
+                    by_round.setdefault(r["round"], []).append(r[metric])
+            if by_round:
+                xs = sorted(by_round)
+                ax.plot(xs, [statistics.fmean(by_round[x]) for x in xs], style, color=color,
+                        marker=".", label=f"{method} {label}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(run_dir / "accuracy.png", buffer.getvalue())

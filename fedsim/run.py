@@ -1,0 +1,126 @@
+"""``python -m fedsim.run``: settings from flags and/or a TOML file, the run, the report.
+
+With no arguments it compares FedAvg and FedGMA on colored digits split non-IID (shards).
+Every ``Config`` field is a flag (``--local-epochs 3``; lists comma-separated: ``--seeds 0,1``)
+and a TOML key (``--config run.toml``); flags win over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import typing
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import FIELD_TYPES, Config, ConfigError
+from .io import atomic_write
+from .loop import run_experiment
+from .report import format_table, plot_accuracy, summarize, write_results
+
+#: extra spellings of a setting's flag
+ALIASES = {"algorithms": ("--compare", "--algorithm")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedsim.run",
+        description="Simulate federated learning through gma_kernels. With no arguments: FedAvg "
+                    "against FedGMA on colored digits split non-IID (shards).",
+        epilog="A run folder (OUT_DIR/<time>-<name>) receives config.toml, metrics.jsonl, "
+               "metrics.csv, results.json, accuracy.png, one model-<algorithm>-seed<n>.pt per "
+               "run and checkpoint.pt.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue a stopped run from its checkpoint, with its config.toml")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings = parser.add_argument_group("settings (TOML keys: the names with underscores)")
+    for f in dataclasses.fields(Config):
+        hint = FIELD_TYPES[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {_show(f.default)})")
+        if f.metadata["choices"]:
+            help_text += f"; one of: {', '.join(f.metadata['choices'])}"
+        if hint is bool:
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name, help=help_text)
+        else:
+            settings.add_argument(flag, *ALIASES.get(f.name, ()), dest=f.name, help=help_text,
+                                  type=_parser_for(hint), metavar=f.name.upper())
+    return parser
+
+
+def _parser_for(hint: Any) -> Callable[[str], Any]:
+    """str -> value for a field's type (``X | None`` parses as X; a tuple from a comma-separated
+    list); Config then checks the value."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())
+    return typing.get_args(hint)[0] if typing.get_args(hint) else hint
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def new_run_dir(config: Config) -> Path:
+    """``OUT_DIR/<YYYYmmdd-HHMMSS>-<name>`` (a numeric suffix if that folder exists)."""
+    base = Path(config.out_dir) / f"{datetime.now():%Y%m%d-%H%M%S}-{config.run_name}"
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a run folder next to {base}")
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Config, Path, bool]:
+    """(config, run folder, resuming?) from the parsed flags; a new run's config.toml is written."""
+    settings = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
+    if "resume" in args:
+        given = [k for k in vars(args) if k in FIELD_TYPES or k == "config"]
+        if given:
+            parser.error("--resume continues a run with its own config.toml; drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in given))
+        config_file = args.resume / "config.toml"
+        if not config_file.is_file():
+            parser.error(f"--resume {args.resume}: no config.toml there (not a run folder?)")
+        return Config.from_toml(config_file), args.resume, True
+    config = Config.from_toml(args.config, **settings) if "config" in args \
+        else Config.from_dict(settings, source="the command line")
+    run_dir = new_run_dir(config)
+    atomic_write(run_dir / "config.toml", config.to_toml())
+    return config, run_dir, False
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run from the command line; return the summary (per algorithm, final ID and OOD accuracy)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config, run_dir, resume = resolve(args, parser)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(f"run folder: {run_dir}", flush=True)
+    start = time.perf_counter()
+    try:
+        rows = run_experiment(config, run_dir, resume=resume, progress="quiet" not in args)
+    except OSError as err:  # e.g. a dataset that is not on this machine
+        parser.exit(1, f"error: {err}\n")
+    summary = summarize(rows)
+    write_results(run_dir, summary, config=config.to_dict(), resumed=resume,
+                  wall_time_s=time.perf_counter() - start,
+                  torch=torch.__version__, device=str(config.torch_device()),
+                  threads=torch.get_num_threads())
+    plot_accuracy(run_dir, rows)
+    print(format_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

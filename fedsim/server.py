@@ -1,0 +1,42 @@
+"""The server: the global model as one flat buffer, stepped in place by ``gma_kernels``."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from gma_kernels import FlatParams, GMAStats, ServerOptimizer
+
+from .config import Config
+
+
+class Server:
+    """Holds the global model, whose parameters are views into ``params`` (one flat float32
+    buffer), and a ``ServerOptimizer`` on that buffer. ``masked=False`` aggregates with
+    ``τ = 0``: exactly weighted FedAvg through the same kernel."""
+
+    def __init__(self, model: nn.Module, config: Config, *, masked: bool) -> None:
+        self.model = model
+        self.flat = FlatParams(model)
+        self.optimizer = ServerOptimizer(
+            self.flat.buffer, config.server_optimizer, lr=config.server_lr,
+            momentum=config.server_momentum, beta1=config.server_beta1,
+            beta2=config.server_beta2, eps=config.server_eps, mask_placement=config.gma_placement,
+            tau=config.gma_tau if masked else 0.0, mask=config.gma_mask,
+            weighted_agreement=config.gma_weighted_agreement, rescale=masked and config.gma_rescale)
+
+    @property
+    def params(self) -> Tensor:
+        """The global parameters ``w`` (the flat buffer itself, not a copy)."""
+        return self.flat.buffer
+
+    def step(self, updates: Sequence[Tensor], weights: Sequence[float]) -> GMAStats:
+        """Aggregate the clients' flat updates (read where they lie) and step ``w`` in place."""
+        return self.optimizer.step(updates, weights)
+
+    def state_dict(self) -> dict:
+        return {"params": self.params.clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flat.copy_(state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,39 @@
+"""Shared settings for the simulator's tests: tiny data, few rounds, one thread; and how to run
+``python -m fedsim.run`` in a subprocess."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+#: a run of a second or two: 240 colored digits among 4 clients, 3 per round, the MLP
+TINY = {"num_clients": 4, "clients_per_round": 3, "max_train": 240, "model": "mlp", "rounds": 3,
+        "seeds": (0,), "eval_every": 2, "batch_size": 16, "threads": 1}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tiny() -> dict:
+    return dict(TINY)
+
+
+def as_flags(settings: dict) -> list[str]:
+    """Settings as command-line flags (lists comma-separated)."""
+    flags = []
+    for key, value in settings.items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        flags += ["--" + key.replace("_", "-"), text]
+    return flags
+
+
+@pytest.fixture
+def cli():
+    """(command for ``python -m MODULE ARGS``, environment that finds this checkout)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    return lambda module, *args: ([sys.executable, "-m", module, *args], env)
+
+
+@pytest.fixture
+def flags():
+    return as_flags

@@ -1,0 +1,89 @@
+"""The command line: help, refusals with clear messages, a short run writing the whole run
+folder, TOML files with flags on top."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from fedsim.config import Config
+from fedsim.models import build_model
+from fedsim.run import main
+
+RUN_FILES = {"config.toml", "metrics.jsonl", "metrics.csv", "results.json", "accuracy.png",
+             "checkpoint.pt", "model-fedavg-seed0.pt", "model-fedgma-seed0.pt"}
+
+
+@pytest.mark.parametrize("module", ["fedsim.run", "fedsim"])
+def test_help_as_a_module(module, cli):
+    command, env = cli(module, "--help")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--config", "--resume", "--algorithms", "--compare", "--gma-tau", "--seeds", "--rounds"):
+        assert flag in done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algorithm", "fedfoo"], "algorithms: unknown name 'fedfoo'; valid: fedavg, fedgma"),
+    (["--compare", "fedavg,scaffold"], "unknown name 'scaffold'; valid: fedavg, fedgma"),
+    (["--dataset", "svhn"], "dataset: unknown name 'svhn'; valid: colored-digits"),
+    (["--clients-per-round", "20"], "clients_per_round=20 must be between 1 and num_clients=10"),
+    (["--gma-tau", "2"], "gma_tau must be a finite number >= 0.0 and <= 1.0"),
+    (["--rounds", "ten"], "invalid int value"),
+    (["--resume", "somewhere", "--rounds", "3"],
+     "--resume continues a run with its own config.toml; drop --rounds"),
+    (["--resume", "nowhere"], "no config.toml there"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out-dir", str(tmp_path)] if "--resume" not in argv else argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_two_round_run_writes_the_whole_run_folder(tmp_path, tiny, flags, capsys):
+    settings = {**tiny, "rounds": 2, "out_dir": str(tmp_path), "name": "smoke"}
+    summary = main(["--quiet", *flags(settings)])
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.endswith("-smoke")
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    out = capsys.readouterr().out
+    assert f"run folder: {run_dir}" in out and "OOD accuracy %" in out
+
+    assert Config.from_toml(run_dir / "config.toml") == Config(**settings)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["summary"]) == {"fedavg", "fedgma"} == set(summary)
+    assert 0 <= results["summary"]["fedgma"]["ood_acc"]["mean"] <= 1
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2 * 2
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 2 * 2
+    assert (run_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    state = torch.load(run_dir / "model-fedgma-seed0.pt", weights_only=True)
+    model = build_model("mlp", (3, 8, 8), 2)
+    model.load_state_dict(state)
+    assert all(t.untyped_storage().nbytes() == t.numel() * 4 for t in state.values())  # not views
+
+
+def test_toml_config_with_flags_on_top(tmp_path, tiny):
+    path = tmp_path / "run.toml"
+    path.write_text(Config(**{**tiny, "rounds": 9}, algorithms=("fedgma",)).to_toml())
+    main(["--quiet", "--config", str(path), "--rounds", "1", "--out-dir", str(tmp_path / "runs")])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    config = Config.from_toml(run_dir / "config.toml")
+    assert config.rounds == 1 and config.algorithms == ("fedgma",) and config.model == "mlp"
+
+
+def test_unknown_toml_key_exits_2(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("rounds = 1\nlearning_rate = 0.1\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    assert exit_.value.code == 2 and "unknown key(s)" in capsys.readouterr().err
+
+
+def test_missing_dataset_exits_1_with_the_data_module_hint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quiet", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--seeds", "0",
+              "--out-dir", str(tmp_path / "runs")])
+    assert exit_.value.code == 1 and "error: MNIST not found" in capsys.readouterr().err
