@@ -68,8 +68,10 @@ def _normalize(raw: Sequence[float]) -> tuple[float, ...]:
     return tuple(p / total for p in raw)
 
 
-def check_weights(weights: Weights, num_clients: int) -> tuple[float, ...]:
-    """Weights as host floats: K finite, non-negative numbers with a positive sum."""
+def check_weights(weights: Weights, num_clients: int, *, allow_zero_sum: bool = False
+                  ) -> tuple[float, ...]:
+    """Weights as host floats: K finite, non-negative numbers with a positive sum (a zero sum is
+    allowed for a streaming fold, whose total is checked when it is finalized)."""
     if weights is None:
         return (1.0,) * num_clients
     if isinstance(weights, Tensor):
@@ -88,7 +90,7 @@ def check_weights(weights: Weights, num_clients: int) -> tuple[float, ...]:
             raise ValueError(f"weights[{k}] is not finite ({p})")
         if p < 0:
             raise ValueError(f"weights[{k}] is negative ({p})")
-    if math.fsum(raw) <= 0:
+    if math.fsum(raw) <= 0 and not allow_zero_sum:
         raise ValueError("weights sum to zero: at least one client needs a positive weight")
     return raw
 
@@ -136,11 +138,14 @@ def _check_dtype(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
 
 
-def make_batch(updates: Updates, weights: Weights) -> tuple[ClientBatch, tuple[float, ...]]:
-    """Validate updates and weights; return the batch and the raw (unnormalized) weights."""
+def make_batch(updates: Updates, weights: Weights, *, allow_zero_sum: bool = False
+               ) -> tuple[ClientBatch, tuple[float, ...]]:
+    """Validate updates and weights; return the batch and the raw (unnormalized) weights
+    (``mean_weights`` are then meaningless when the weights sum to zero)."""
     matrix, rows = check_updates(updates)
-    raw = check_weights(weights, len(rows) if rows is not None else matrix.shape[0])
-    return ClientBatch(matrix, rows, _normalize(raw)), raw
+    raw = check_weights(weights, len(rows) if rows is not None else matrix.shape[0],
+                        allow_zero_sum=allow_zero_sum)
+    return ClientBatch(matrix, rows, _normalize(raw) if math.fsum(raw) > 0 else raw), raw
 
 
 def check_params(params: Tensor, batch: ClientBatch, name: str = "params") -> None:

@@ -67,7 +67,7 @@ class Accumulator:
             updates = [updates]
             if isinstance(weights, (int, float)):
                 weights = [weights]
-        batch, raw = make_batch(updates, weights)
+        batch, raw = make_batch(updates, weights, allow_zero_sum=True)
         if batch.numel != self.numel or batch.device != self.buffer.device:
             raise ValueError(f"updates have {batch.numel} elements on {batch.device}; this "
                              f"accumulator holds {self.numel} on {self.buffer.device}")
@@ -130,10 +130,12 @@ class Accumulator:
         mean = self.total / weight_sum
         stats = GMAStats(torch.stack((m.sum(), agree.sum()))[None], self.numel, k,
                          tuple(self.dropped))
-        if config.rescale:
-            m.mul_(1.0 / (stats.density + 1e-12))
         if not bool(torch.isfinite(mean).all()):
             raise ValueError("the accumulated sum overflowed float32")
+        if config.rescale:
+            m.mul_(1.0 / (stats.density + 1e-12))
+            if not bool(torch.isfinite(mean * m).all()):
+                raise ValueError("the rescaled average overflowed float32; nothing was stepped")
         return mean, m, stats
 
     def masked_mean(self, *, tau: float = 0.4, mask: MaskKind = "soft",

@@ -166,3 +166,16 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
     _check_split(x, y, (3, 32, 32))
     ref = FakeCIFAR10(str(tmp_path), False, False)
     torch.testing.assert_close(x[3].permute(1, 2, 0), torch.from_numpy(ref.data[3]).float() / 255)
+
+
+def test_digits_read_without_sklearn_equal_sklearn_loader():
+    """The default dataset is read from scikit-learn's shipped file without importing it; it
+    must be exactly what ``sklearn.datasets.load_digits`` returns."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from fedsim.data.sources import _digits_arrays
+
+    images, target = _digits_arrays()
+    bunch = sk_load_digits()
+    assert np.array_equal(images, bunch.images)
+    assert np.array_equal(target, bunch.target)

@@ -134,13 +134,6 @@ def tie_columns(k: int, g: torch.Generator) -> Tensor:
     return signs * mags
 
 
-def columns_subsample(values: Tensor, limit: int, g: torch.Generator) -> Tensor:
-    if values.shape[1] <= limit:
-        return values
-    idx = torch.randperm(values.shape[1], generator=g)[:limit].sort().values
-    return values[:, idx]
-
-
 def is_close_to_threshold(a: Tensor, tau: float, eps: float = 1e-5) -> Tensor:
     return (a - tau).abs() <= eps * max(1.0, abs(tau))
 

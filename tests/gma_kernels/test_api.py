@@ -12,6 +12,9 @@ from gk_util import (BACKENDS, DEVICE, DTYPES, LAYOUTS, PARAM_DTYPES, assert_clo
                      assert_no_weighted_ties, assert_unchanged, data_scale, gen, layout, make,
                      random_values, snapshot, tie_columns)
 
+# Triton's interpreter computes with numpy, which warns on the NaN/inf inputs of the guard tests
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 OPTIONS = list(itertools.product(("soft", "hard"), (False, True), (False, True)))
 OPTION_IDS = [f"{m}-{'wagree' if w else 'count'}-{'rescale' if r else 'plain'}"
               for m, w, r in OPTIONS]
@@ -363,3 +366,47 @@ def test_unchecked_skips_the_guard(backend):
     updates[2, 3] = float("nan")
     g = gk.masked_mean(updates, tau=0.0, backend=backend, nonfinite="unchecked")
     assert torch.isnan(g[3]) and torch.isfinite(g[torch.arange(64, device=g.device) != 3]).all()
+
+
+# -- defaults and helpers --------------------------------------------------------------------
+
+def test_defaults_are_the_journal_settings():
+    """τ = 0.4 with the soft mask, unweighted agreement, no rescale (SPEC section 1)."""
+    updates, exact, w = make(50, 10, 3000)
+    out = gk.masked_mean(updates, w, backend="torch")
+    assert torch.equal(out, gk.masked_mean(updates, w, tau=0.4, mask="soft", backend="torch"))
+    assert_close(out, ref.masked_mean(exact, w, tau=0.4, mask="soft"), scale=data_scale(exact))
+    params = torch.zeros(3000, device=DEVICE)
+    gk.gma_step(params, updates, w, backend="torch")  # lr = 1
+    assert torch.equal(params, out)
+
+
+def test_tau_from_agreeing_fraction():
+    assert gk.tau_from_agreeing_fraction(0.8) == 0.6
+    assert gk.tau_from_agreeing_fraction(0.5) == 0.0
+    assert gk.tau_from_agreeing_fraction(1.0) == 1.0
+    assert gk.tau_from_agreeing_fraction(0.7) == 0.4
+    # 8 of 10 clients agreeing (count 8 - 2 = 6) pass "at least 80% agree"; 7 of 10 do not
+    values = torch.ones(10, 2, dtype=torch.float64)
+    values[8:, 0] = -1.0
+    values[7:, 1] = -1.0
+    updates, _ = layout(values, torch.float32, "matrix")
+    for backend in BACKENDS:
+        hard = gk.masked_mean(updates, tau=gk.tau_from_agreeing_fraction(0.8), mask="hard",
+                              backend=backend)
+        assert hard.cpu().tolist() == [pytest.approx(0.6), 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_as_dict(backend):
+    updates, exact, w = make(51, 6, 1000, kind="list")
+    updates[4][10] = float("nan")
+    _, stats = gk.masked_mean(updates, w, tau=0.5, mask="hard", backend=backend,
+                              nonfinite="drop", return_stats=True)
+    keep = [0, 1, 2, 3, 5]
+    rest_w = [w[k] for k in keep]
+    d = stats.as_dict()
+    assert d["clients"] == 5 and d["dropped"] == 1
+    assert d["mask_density"] == pytest.approx(ref.density(exact[keep], rest_w, tau=0.5,
+                                                          mask="hard"), rel=1e-6)
+    assert d["mean_agreement"] == pytest.approx(ref.mean_agreement(exact[keep]), rel=1e-6)

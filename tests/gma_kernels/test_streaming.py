@@ -188,3 +188,29 @@ def test_finalize_returns_fresh_buffers():
 def test_empty_accumulator_refuses_to_finalize():
     with pytest.raises(ValueError, match="no client"):
         gk.Accumulator(10).masked_mean()
+
+
+def test_zero_weight_update_folds_like_the_batch_api():
+    """A zero-weight client still counts in the (unweighted) agreement, in a fold as in a batch."""
+    g = torch.Generator().manual_seed(11)
+    updates = torch.randn(3, 257, generator=g)
+    acc = gk.Accumulator(257)
+    for u, p in zip(updates, (2.0, 0.0, 5.0)):
+        acc.add(u, p)
+    expect = gk.masked_mean(updates, [2.0, 0.0, 5.0], backend="torch")
+    assert torch.allclose(acc.masked_mean(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_total_weight_is_refused_at_finalize():
+    acc = gk.Accumulator(5).add(torch.ones(5), 0.0)
+    with pytest.raises(ValueError, match="sum to zero"):
+        acc.masked_mean()
+
+
+def test_rescale_overflow_raises_in_streaming_like_the_batch_api():
+    u = torch.full((2, 4), 3e38)
+    u[:, 1:] *= -1
+    u[1, 1:] *= -1  # coordinates 1..3 disagree: the hard mask keeps only coordinate 0
+    acc = gk.Accumulator(4).add(u)
+    with pytest.raises(ValueError, match="overflow"):
+        acc.masked_mean(tau=1.0, mask="hard", rescale=True)

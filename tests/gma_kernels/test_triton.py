@@ -92,11 +92,17 @@ def test_guard_restores_every_block(kind, where):
         assert torch.equal(t, b)
 
 
-@pytest.mark.parametrize("block,warps", [(256, 2), (2048, 8)])
-def test_other_block_sizes(monkeypatch, block, warps):
+@pytest.mark.parametrize("block,warps,unroll", [(256, 2, 1), (2048, 8, 1), (1024, 4, 4)])
+def test_other_block_sizes(monkeypatch, block, warps, unroll):
     """The kernel is correct for any BLOCK the launcher may pick (tuning must not break it)."""
     from gma_kernels import _triton
-    monkeypatch.setattr(_triton, "launch_config", lambda numel: (block, warps))
+    if hasattr(_triton, "LAUNCH"):  # the tuned launch parameters
+        monkeypatch.setitem(_triton.LAUNCH, "BLOCK", block)
+        monkeypatch.setitem(_triton.LAUNCH, "num_warps", warps)
+        if "UNROLL" in _triton.LAUNCH:  # K = 3 is not a multiple of the unrolling
+            monkeypatch.setitem(_triton.LAUNCH, "UNROLL", unroll)
+    else:
+        monkeypatch.setattr(_triton, "launch_config", lambda numel: (block, warps))
     updates, exact, w = make(block, 3, 3001, torch.bfloat16, "list")
     params = torch.full((3001,), 0.5, device=DEVICE)
     _, stats = gk.gma_step(params, updates, w, lr=0.5, tau=1.0, mask="hard", backend="triton",
