@@ -1,0 +1,12 @@
+"""Adapters between ``gma_kernels`` and federated-learning frameworks.
+
+Each adapter is imported explicitly, and only it imports its framework:
+
+* ``gma_kernels.integrations.flower``: Flower strategies (``FedGMA``, ``GMAFedAvgM``,
+  ``GMAFedAdam``, ``GMAFedYogi``, ``GMAFedAdagrad``); needs ``flwr >= 1.22``.
+* ``gma_kernels.integrations.arrays``: ``aggregate_arrays`` (lists of NumPy arrays, as NVFlare,
+  FedML or pfl-research hand them over) and ``aggregate_state_dicts`` (PyTorch state dicts);
+  needs nothing beyond NumPy and PyTorch.
+
+``import gma_kernels`` imports none of them.
+"""
