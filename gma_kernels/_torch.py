@@ -9,6 +9,7 @@ guarded job never touches ``params`` or the optimizer state on bad input.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +31,7 @@ def chunk_length(batch: ClientBatch) -> int:
 
 def fp32_scalar(x: float) -> float:
     """``x`` rounded to float32, so both backends multiply by the very same constant."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return float(np.float32(x))
 
 
 def mask_threshold(mask: MaskConfig, num_clients: int) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 rescale (two passes: the density must be known before the step)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass, replace
@@ -47,6 +48,7 @@ class GMAStats:
                 "clients": self.num_clients, "dropped": len(self.dropped)}
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -149,3 +149,15 @@ def test_values_are_read_in_their_dtype_not_reinterpreted():
         updates, exact = layout(values, dtype, "list")
         out = gk.masked_mean(updates, tau=0.0, backend="triton").cpu()
         assert torch.equal(out, torch.tensor([1.0, -0.125, 1.0, 2.0]))
+
+
+def test_cached_row_tables_follow_weights_and_addresses():
+    """The launcher caches its device copy of the row offsets and weights: calls that differ
+    only in weights, or in where the rows lie, must each get their own table."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(4, 1500, generator=g)
+    for weights in ([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]):
+        for rows in (list(values.to(DEVICE)), [v.clone().to(DEVICE) for v in values]):
+            got = gk.masked_mean(rows, weights, backend="triton")
+            expect = gk.masked_mean(values, weights, backend="torch")
+            assert torch.allclose(got.cpu(), expect, rtol=1e-5, atol=1e-6)
