@@ -39,13 +39,15 @@ class ClientTrainer:
         self.flat.copy_(params)
 
     def train(self, x: Tensor, y: Tensor, generator: torch.Generator,
-              grad_hook: GradHook | None = None) -> Tensor:
+              grad_hook: GradHook | None = None, *, steps: int | None = None) -> Tensor:
         """Local SGD on ``(x, y)``; ``grad_hook`` may edit the flat gradient before each step
-        (a proximal term, a control variate). Returns the mean training loss (0-d tensor)."""
+        (a proximal term, a control variate); ``steps`` overrides the configured number of
+        steps. Returns the mean training loss (0-d tensor). Afterwards ``grad`` still holds the
+        last step's gradient (hook included)."""
         self.model.train()
         total = torch.zeros((), device=x.device)
-        steps = 0
-        for xb, yb in self._batches(x, y, generator):
+        taken = 0
+        for xb, yb in self._batches(x, y, generator, steps):
             self.grad.zero_()
             loss = F.cross_entropy(self.model(xb), yb)
             loss.backward()
@@ -55,16 +57,28 @@ class ClientTrainer:
                 grad_hook(self.grad)
             self.params.add_(self.grad, alpha=-self.lr)
             total += loss.detach()
-            steps += 1
-        return total / steps
+            taken += 1
+        return total / taken
 
-    def _batches(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    def full_gradient(self, x: Tensor, y: Tensor, chunk: int = 1024) -> Tensor:
+        """``∇f_k`` at the current parameters over the whole of ``(x, y)`` (mean loss, weight
+        decay included), as a new flat tensor; read in chunks of ``chunk`` examples."""
+        self.model.train()
+        self.grad.zero_()
+        for xb, yb in zip(x.split(chunk), y.split(chunk)):
+            (F.cross_entropy(self.model(xb), yb, reduction="sum") / len(y)).backward()
+        if self.weight_decay:
+            self.grad.add_(self.params, alpha=self.weight_decay)
+        return self.grad.clone()
+
+    def _batches(self, x: Tensor, y: Tensor, generator: torch.Generator,
+                 steps: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled mini-batches (one gather per epoch, then views): ``local_epochs`` passes, or
-        exactly ``local_steps`` batches drawn from as many passes as that takes."""
+        exactly ``local_steps`` (or ``steps``) batches drawn from as many passes as that takes."""
         def passes() -> Iterator[tuple[Tensor, Tensor]]:
             while True:
                 perm = torch.randperm(len(y), generator=generator, device=generator.device)
                 yield from zip(x[perm].split(self.batch_size), y[perm].split(self.batch_size))
 
-        count = self.local_steps or self.local_epochs * math.ceil(len(y) / self.batch_size)
+        count = steps or self.local_steps or self.local_epochs * math.ceil(len(y) / self.batch_size)
         return itertools.islice(passes(), count)

@@ -20,10 +20,10 @@ import torch
 
 from gma_kernels.config import MASK_KINDS, OPTIMIZER_KINDS, PLACEMENTS
 
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHM_ALIASES, ALGORITHMS, REGISTRY
 from .data import DATASETS
 from .data.splits import SPLITS, check_split_args
-from .models import MODELS
+from .models import MODELS, parameter_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,11 +63,20 @@ class Config:
     weight_decay: float = _setting(0.0, "local L2 weight decay")
     # federation and server
     algorithms: tuple[str, ...] = _setting(("fedavg", "fedgma"), "client algorithms to compare, "
-                                           "on the same data and seeds", ALGORITHMS)
+                                           "on the same data and seeds (<name>+gma: with gradient "
+                                           "masked averaging; fedgma is fedavg+gma; all: every "
+                                           "one)", ALGORITHMS)
     rounds: int = _setting(30, "communication rounds")
     clients_per_round: int = _setting(10, "clients sampled each round")
-    server_optimizer: str = _setting("sgd", "server optimizer", OPTIMIZER_KINDS)
+    server_optimizer: str = _setting("sgd", "server optimizer of the algorithms that do not name "
+                                     "their own (fedavgm, fedadam, fedyogi, fedadagrad do)",
+                                     OPTIMIZER_KINDS)
     server_lr: float = _setting(1.0, "server learning rate")
+    momentum_server_lr: float | None = _setting(None, "server learning rate when the server optimizer "
+                                                "is momentum, e.g. fedavgm (default: server_lr)")
+    adaptive_server_lr: float | None = _setting(None, "server learning rate when the server optimizer "
+                                                "is adam, yogi or adagrad, e.g. fedadam "
+                                                "(default: server_lr)")
     server_momentum: float = _setting(0.9, "server momentum (server_optimizer = momentum)")
     server_beta1: float = _setting(0.9, "server beta1 (adam, yogi, adagrad)")
     server_beta2: float = _setting(0.99, "server beta2 (adam, yogi)")
@@ -79,6 +88,18 @@ class Config:
                                    PLACEMENTS)
     gma_rescale: bool = _setting(False, "divide the masked average by the mask density")
     gma_weighted_agreement: bool = _setting(False, "weight the sign agreement by client size")
+    # client algorithms
+    fedprox_mu: float = _setting(0.01, "FedProx: weight mu >= 0 of the proximal term "
+                                 "(mu/2)||y - w||^2")
+    fedpvr_start_layer: str = _setting("classifier.weight", "FedPVR: the parameter (a name from "
+                                       "the model's named_parameters()) from which on SCAFFOLD's "
+                                       "correction applies")
+    fedga_beta: float = _setting(0.1, "FedGA / GradAlign: beta >= 0 of the start shift "
+                                 "w - beta (g_mean - g_k)")
+    fedgma_v1_p: float = _setting(0.8, "FedGMA v1: hard-mask threshold p in [0, 1] on the last "
+                                  "local gradients (the workshop formula: tau = p)")
+    fedgma_v1_server_lr: float | None = _setting(None, "FedGMA v1: step size eta_s of the masked "
+                                                 "gradient step (default: lr)")
     # the run
     seeds: tuple[int, ...] = _setting((0, 1), "seeds (data split, model init, sampling)")
     eval_every: int = _setting(5, "evaluate every n rounds (and at the last)")
@@ -93,6 +114,8 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
+        names = ALGORITHMS if self.algorithms == ("all",) else self.algorithms
+        object.__setattr__(self, "algorithms", tuple(ALGORITHM_ALIASES.get(a, a) for a in names))
         try:
             self._check()
         except ValueError as err:
@@ -129,9 +152,22 @@ class Config:
         for name in ("server_momentum", "server_beta1", "server_beta2", "gma_tau"):
             _number(name, getattr(self, name), low=0.0, high=1.0)
         _number("server_eps", self.server_eps, low=0.0, low_open=True)
-        if self.gma_rescale and self.gma_placement == "after" and self.server_optimizer != "sgd":
-            raise ValueError("gma_rescale needs gma_placement='before' with a stateful "
-                             f"server_optimizer ({self.server_optimizer!r})")
+        for name in ("momentum_server_lr", "adaptive_server_lr", "fedgma_v1_server_lr"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), low=0.0, low_open=True)
+        _number("fedprox_mu", self.fedprox_mu, low=0.0)
+        _number("fedga_beta", self.fedga_beta, low=0.0)
+        _number("fedgma_v1_p", self.fedgma_v1_p, low=0.0, high=1.0)
+        names = parameter_names(self.model)
+        if self.fedpvr_start_layer not in names:
+            raise ValueError(f"fedpvr_start_layer: {self.fedpvr_start_layer!r} is not a parameter "
+                             f"of model {self.model!r}; valid: {', '.join(names)}")
+        if self.gma_rescale and self.gma_placement == "after":
+            for name in self.algorithms:
+                kind = REGISTRY[name].server_optimizer or self.server_optimizer
+                if REGISTRY[name].masked and kind != "sgd":
+                    raise ValueError("gma_rescale needs gma_placement='before' with a stateful "
+                                     f"server optimizer ({kind!r}, algorithm {name!r})")
         self.torch_device()
 
     def torch_device(self) -> torch.device:
@@ -148,9 +184,22 @@ class Config:
             raise ConfigError(f"device={self.device!r} but CUDA is not available here")
         return device
 
+    def server_lr_for(self, kind: str) -> float:
+        """The server learning rate for server optimizer ``kind`` (``momentum_server_lr`` for
+        momentum, ``adaptive_server_lr`` for adam/yogi/adagrad, when set; else ``server_lr``)."""
+        if kind == "momentum" and self.momentum_server_lr is not None:
+            return self.momentum_server_lr
+        if kind in ("adam", "yogi", "adagrad") and self.adaptive_server_lr is not None:
+            return self.adaptive_server_lr
+        return self.server_lr
+
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.dataset}-{'-'.join(self.algorithms)}"
+        """``name``, else the dataset and the methods (their count, when the list is long)."""
+        methods = "-".join(self.algorithms)
+        if len(methods) > 60:
+            methods = f"{len(self.algorithms)}-algorithms"
+        return self.name or f"{self.dataset}-{methods}"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "settings") -> Config:

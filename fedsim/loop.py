@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .algorithms import ClientContext, build_algorithm
+from .algorithms import Algorithm, ClientContext, build_algorithm
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .client import ClientTrainer
 from .config import Config
@@ -41,7 +41,9 @@ class Simulation:
                                      local_epochs=config.local_epochs, local_steps=config.local_steps,
                                      weight_decay=config.weight_decay)
         self.algorithm = build_algorithm(method, config)
-        self.server = Server(model, config, masked=self.algorithm.masked)
+        self.server = Server(model, config, masked=self.algorithm.masked,
+                             optimizer=self.algorithm.server_optimizer)
+        self.algorithm.setup(self.server)
         self.sampler = np.random.default_rng(seed)
         self.generator = torch.Generator(device).manual_seed(seed)
 
@@ -49,16 +51,8 @@ class Simulation:
         """Sample clients, train each locally from ``w``, aggregate and step the server."""
         num = len(self.data.clients)
         ids = np.sort(self.sampler.choice(num, size=self.config.clients_per_round, replace=False))
-        contexts = [ClientContext(int(k), *self.data.clients[k], self.server.params, self.trainer,
-                                  self.generator) for k in ids]
-        self.algorithm.pre_round(self.server, contexts)
-        results = []
-        for ctx in contexts:
-            self.trainer.reset(self.server.params)
-            results.append(self.algorithm.local_train(ctx))
-        stats = self.algorithm.aggregate(self.server, results)
-        return {"train_loss": float(torch.stack([r.loss for r in results]).mean()),
-                "mask_density": float(stats.density), "mean_agreement": float(stats.mean_agreement)}
+        return play_round(self.algorithm, self.server, self.trainer,
+                          [(int(k), *self.data.clients[k]) for k in ids], self.generator)
 
     def evaluate(self) -> dict[str, float | None]:
         """Accuracy and loss of the global model in distribution and, if there is one, OOD."""
@@ -78,6 +72,27 @@ class Simulation:
         self.sampler.bit_generator.state = state["sampler"]
         self.generator.set_state(state["generator"])
         restore_rng(state["rng"])
+
+
+def play_round(algorithm: Algorithm, server: Server, trainer: ClientTrainer,
+               clients: list[tuple[int, Tensor, Tensor]], generator: torch.Generator) -> dict[str, float]:
+    """One round with the sampled ``clients`` (id, x, y): the algorithm's extra exchange, local
+    training of each from ``w``, aggregation. Returns the round's metrics: mean local loss,
+    mask statistics and the floats exchanged (totals over the clients, and the ratio to
+    FedAvg's ``2 N`` per client)."""
+    contexts = [ClientContext(k, x, y, server.params, trainer, generator) for k, x, y in clients]
+    algorithm.pre_round(server, contexts)
+    results = []
+    for ctx in contexts:
+        trainer.reset(server.params)
+        results.append(algorithm.local_train(ctx))
+    stats = algorithm.aggregate(server, results)
+    n = server.params.numel()
+    down, up = algorithm.communication(n)
+    return {"train_loss": float(torch.stack([r.loss for r in results]).mean()),
+            "mask_density": float(stats.density), "mean_agreement": float(stats.mean_agreement),
+            "floats_down": down * len(results), "floats_up": up * len(results),
+            "comm_vs_fedavg": (down + up) / (2 * n)}
 
 
 def seed_everything(seed: int) -> None:

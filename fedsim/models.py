@@ -5,6 +5,8 @@ Every model ends in a linear layer named ``classifier`` (parameters ``classifier
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -27,6 +29,16 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     else:
         model = ResNet8(c, num_classes)
     return model.float()
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_names(name: str) -> tuple[str, ...]:
+    """The names of model ``name``'s parameters, in ``named_parameters()`` order (they do not
+    depend on the input size or the number of classes)."""
+    if name not in MODELS:
+        return ()
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no RNG draw
+        return tuple(n for n, _ in build_model(name, (1, 8, 8), 2).named_parameters())
 
 
 class CNN(nn.Module):

@@ -13,7 +13,7 @@ from .io import atomic_write
 
 #: one metrics row per round per method per seed; evaluation columns are None between evaluations
 COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreement",
-           "test_acc", "test_loss", "ood_acc", "ood_loss")
+           "floats_down", "floats_up", "comm_vs_fedavg", "test_acc", "test_loss", "ood_acc", "ood_loss")
 FINAL_METRICS = ("test_acc", "ood_acc")
 
 
@@ -29,43 +29,99 @@ def write_metrics(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per method and final metric: the value at each seed's last round, their mean and std
-    (sample standard deviation over seeds; 0 with one seed). OOD is None without an OOD set."""
+    (sample standard deviation over seeds; 0 with one seed). OOD is None without an OOD set.
+    ``comm``: floats exchanged per round (down, up, total; mean over rounds and seeds) and the
+    ratio to FedAvg's ``2 N`` floats per participating client."""
     last: dict[tuple[str, int], dict[str, Any]] = {}
+    comm: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         key = (row["method"], row["seed"])
         if key not in last or row["round"] > last[key]["round"]:
             last[key] = row
+        if row.get("floats_up") is not None:
+            comm.setdefault(row["method"], []).append(row)
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for (method, seed), row in last.items():
         for metric in FINAL_METRICS:
             entry = summary.setdefault(method, {}).setdefault(metric, {"per_seed": {}})
             entry["per_seed"][seed] = row[metric]
-    for metrics in summary.values():
+    for method, metrics in summary.items():
         for entry in metrics.values():
             values = [v for v in entry["per_seed"].values() if v is not None]
             entry["mean"] = statistics.fmean(values) if values else None
             entry["std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        if method in comm:
+            got = comm[method]
+            down = statistics.fmean(r["floats_down"] for r in got)
+            up = statistics.fmean(r["floats_up"] for r in got)
+            metrics["comm"] = {"floats_down": down, "floats_up": up, "floats_per_round": down + up,
+                               "vs_fedavg": statistics.fmean(r["comm_vs_fedavg"] for r in got)}
     return summary
 
 
-def format_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """A plain-text table: one line per method, accuracy in % as mean ± std over seeds."""
-    def cell(entry: dict[str, Any]) -> str:
-        if entry["mean"] is None:
-            return "n/a"
-        return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
+def _accuracy_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None or entry["mean"] is None:
+        return "n/a"
+    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
 
-    header = ("method", "seeds", "ID accuracy %", "OOD accuracy %")
-    lines = [(m, str(len(s["test_acc"]["per_seed"])), cell(s["test_acc"]), cell(s["ood_acc"]))
-             for m, s in summary.items()]
+
+def _comm_cells(metrics: dict[str, Any]) -> tuple[str, str]:
+    comm = metrics.get("comm")
+    if comm is None:
+        return "n/a", "n/a"
+    return f"{comm['floats_per_round'] / 1e6:.3f}", f"{comm['vs_fedavg']:.2f}×"
+
+
+def _render(header: tuple[str, ...], lines: list[tuple[str, ...]], markdown: bool) -> str:
+    if markdown:
+        return "\n".join(["| " + " | ".join(header) + " |",
+                          "|" + "|".join("---" for _ in header) + "|",
+                          *("| " + " | ".join(r) + " |" for r in lines)])
     widths = [max(len(r[i]) for r in (header, *lines)) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt.format(*header), rule, *(fmt.format(*r) for r in lines)])
 
 
+def format_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: bool = False) -> str:
+    """One line per method: accuracy in % as mean ± std over seeds, and the communication per
+    round (millions of floats, up and down, all sampled clients; and as a multiple of FedAvg's).
+    Plain text, or a Markdown table."""
+    header = ("method", "seeds", "ID accuracy %", "OOD accuracy %", "comm MFloats/round",
+              "comm ×FedAvg")
+    lines = [(m, str(len(s["test_acc"]["per_seed"])), _accuracy_cell(s["test_acc"]),
+              _accuracy_cell(s["ood_acc"]), *_comm_cells(s)) for m, s in summary.items()]
+    return _render(header, lines, markdown)
+
+
+def format_gma_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: bool = True) -> str:
+    """Each algorithm beside its GMA twin (``X`` and ``X+gma``; FedAvg and ``fedgma``): ID and
+    OOD accuracy without and with GMA, and the communication per round (GMA is server side and
+    costs none)."""
+    from .algorithms import plain_name
+
+    pairs: dict[str, dict[str, str]] = {}
+    for method in summary:
+        plain = plain_name(method)
+        pairs.setdefault(plain, {})["gma" if method != plain else "plain"] = method
+    header = ("algorithm", "ID %", "ID % +GMA", "OOD %", "OOD % +GMA", "comm MFloats/round",
+              "comm ×FedAvg")
+    lines = []
+    for plain, names in pairs.items():
+        a, b = summary.get(names.get("plain", "")), summary.get(names.get("gma", ""))
+        either = a or b
+        lines.append((plain, _accuracy_cell(a and a["test_acc"]), _accuracy_cell(b and b["test_acc"]),
+                      _accuracy_cell(a and a["ood_acc"]), _accuracy_cell(b and b["ood_acc"]),
+                      *_comm_cells(either)))
+    return _render(header, lines, markdown)
+
+
 def write_results(run_dir: Path, summary: dict, **extra: Any) -> None:
+    """``results.json`` (the summary and ``extra``) and ``results.md`` (the Markdown tables:
+    per method, then each algorithm beside its GMA twin)."""
     atomic_write(run_dir / "results.json", json.dumps({"summary": summary, **extra}, indent=2) + "\n")
+    atomic_write(run_dir / "results.md", format_table(summary, markdown=True) + "\n\n"
+                 + format_gma_table(summary) + "\n")
 
 
 def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:

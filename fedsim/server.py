@@ -13,17 +13,22 @@ from .config import Config
 class Server:
     """Holds the global model, whose parameters are views into ``params`` (one flat float32
     buffer), and a ``ServerOptimizer`` on that buffer. ``masked=False`` aggregates with
-    ``τ = 0``: exactly weighted FedAvg through the same kernel."""
+    ``τ = 0``: exactly weighted FedAvg through the same kernel. ``optimizer`` names the server
+    optimizer kind (default: the configured one); its learning rate is
+    ``config.server_lr_for(kind)``."""
 
-    def __init__(self, model: nn.Module, config: Config, *, masked: bool) -> None:
+    def __init__(self, model: nn.Module, config: Config, *, masked: bool,
+                 optimizer: str | None = None) -> None:
         self.model = model
         self.flat = FlatParams(model)
+        kind = optimizer or config.server_optimizer
         self.optimizer = ServerOptimizer(
-            self.flat.buffer, config.server_optimizer, lr=config.server_lr,
+            self.flat.buffer, kind, lr=config.server_lr_for(kind),
             momentum=config.server_momentum, beta1=config.server_beta1,
             beta2=config.server_beta2, eps=config.server_eps, mask_placement=config.gma_placement,
             tau=config.gma_tau if masked else 0.0, mask=config.gma_mask,
-            weighted_agreement=config.gma_weighted_agreement, rescale=masked and config.gma_rescale)
+            weighted_agreement=config.gma_weighted_agreement,
+            rescale=masked and config.gma_rescale)
 
     @property
     def params(self) -> Tensor:

@@ -1,15 +1,24 @@
 """The client-algorithm interface: what a client does in a round, what it uploads, and how the
 server folds the uploads in.
 
-A round, as the loop drives it::
+A round, as the loop drives it (``fedsim.loop.play_round``)::
 
     algorithm.pre_round(server, contexts)          # optional extra exchange (FedGA)
     results = [algorithm.local_train(ctx) for ctx in contexts]   # trainer reset to w before each
     stats = algorithm.aggregate(server, results)   # one ServerOptimizer step (or more)
 
+``setup(server)`` runs once, after the server exists and before any round or
+``load_state_dict``: algorithms that keep server-side tensors (SCAFFOLD's ``c``) allocate them
+there, sized by the server's flat layout.
+
 Per-client state that persists across rounds (SCAFFOLD's control variates) lives in
 ``client_state[client_id]`` and is saved with ``state_dict()``; a subclass with server-side state
 extends ``state_dict``/``load_state_dict``. Extra uploaded tensors go in ``ClientResult.extras``.
+
+Every algorithm has a GMA twin, ``<name>+gma`` (``masked_variant``): same clients, same uploads,
+but the server aggregates the model updates with gradient masked averaging (``gma_*``
+settings). Without GMA the server uses ``τ = 0``, which ``gma_kernels`` guarantees is exactly
+weighted averaging, so the plain algorithm is reproduced bit for bit.
 """
 from __future__ import annotations
 
@@ -44,9 +53,10 @@ class ClientContext:
     def num_examples(self) -> int:
         return len(self.y)
 
-    def train(self, grad_hook: GradHook | None = None) -> Tensor:
-        """Local SGD from wherever the trainer's parameters are; returns the mean loss."""
-        return self.trainer.train(self.x, self.y, self.generator, grad_hook)
+    def train(self, grad_hook: GradHook | None = None, *, steps: int | None = None) -> Tensor:
+        """Local SGD from wherever the trainer's parameters are (``steps`` overrides the
+        configured epochs / steps); returns the mean loss."""
+        return self.trainer.train(self.x, self.y, self.generator, grad_hook, steps=steps)
 
     def update(self) -> Tensor:
         """``Δ_k = w_k − w``: the trained parameters minus the global ones (a new flat tensor)."""
@@ -68,29 +78,57 @@ class ClientResult:
 class Algorithm:
     """Plain local SGD, upload ``Δ_k``, aggregate weighted by client size (FedAvg's behaviour).
 
-    ``masked`` algorithms aggregate with gradient masked averaging (``gma_*`` settings); the
-    others with ``τ = 0``, which is exactly weighted averaging.
+    Class attributes a subclass may set:
+
+    * ``masked``: aggregate with gradient masked averaging (``gma_*`` settings); else ``τ = 0``.
+    * ``server_optimizer``: the server optimizer kind this algorithm is defined by (FedAdam:
+      ``"adam"``); ``None`` uses the configured ``server_optimizer``.
+    * ``equal_weights``: aggregate with equal client weights (SCAFFOLD, FedPVR) instead of the
+      clients' example counts.
     """
 
     name: ClassVar[str]
     masked: ClassVar[bool] = False
+    server_optimizer: ClassVar[str | None] = None
+    equal_weights: ClassVar[bool] = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.client_state: dict[int, dict[str, Tensor]] = {}
 
+    def setup(self, server: Server) -> None:
+        """Once, after the server is built (allocate server-side state here)."""
+
     def pre_round(self, server: Server, contexts: list[ClientContext]) -> None:
         """An exchange before local training (none by default)."""
 
+    def client_weight(self, ctx: ClientContext) -> float:
+        """The client's aggregation weight: its number of examples, or 1 (``equal_weights``)."""
+        return 1.0 if self.equal_weights else float(ctx.num_examples)
+
     def local_train(self, ctx: ClientContext) -> ClientResult:
         loss = ctx.train()
-        return ClientResult(ctx.client_id, ctx.update(), float(ctx.num_examples), loss)
+        return ClientResult(ctx.client_id, ctx.update(), self.client_weight(ctx), loss)
 
     def aggregate(self, server: Server, results: list[ClientResult]) -> GMAStats:
         return server.step([r.update for r in results], [r.weight for r in results])
+
+    def communication(self, num_params: int) -> tuple[int, int]:
+        """Floats (down, up) one participating client exchanges with the server in a round, for
+        a model of ``num_params`` parameters. FedAvg: the model down, its update up."""
+        return num_params, num_params
 
     def state_dict(self) -> dict:
         return {"client_state": self.client_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.client_state = state["client_state"]
+
+
+def masked_variant(cls: type[Algorithm], name: str | None = None) -> type[Algorithm]:
+    """``cls`` with GMA switched on, called ``<cls.name>+gma`` unless ``name`` is given."""
+    variant_name = name or f"{cls.name}+gma"
+    doc = f"{cls.name} with gradient masked averaging at the server (``{variant_name}``).\n\n" \
+          + (cls.__doc__ or "")
+    return type(f"{cls.__name__}GMA", (cls,), {"name": variant_name, "masked": True,
+                                                "__doc__": doc, "__module__": cls.__module__})

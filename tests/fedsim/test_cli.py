@@ -10,7 +10,7 @@ from fedsim.config import Config
 from fedsim.models import build_model
 from fedsim.run import main
 
-RUN_FILES = {"config.toml", "metrics.jsonl", "metrics.csv", "results.json", "accuracy.png",
+RUN_FILES = {"config.toml", "metrics.jsonl", "metrics.csv", "results.json", "results.md", "accuracy.png",
              "checkpoint.pt", "model-fedavg-seed0.pt", "model-fedgma-seed0.pt"}
 
 
@@ -25,7 +25,7 @@ def test_help_as_a_module(module, cli):
 
 @pytest.mark.parametrize("argv, message", [
     (["--algorithm", "fedfoo"], "algorithms: unknown name 'fedfoo'; valid: fedavg, fedgma"),
-    (["--compare", "fedavg,scaffold"], "unknown name 'scaffold'; valid: fedavg, fedgma"),
+    (["--compare", "fedavg,fednova"], "unknown name 'fednova'; valid: fedavg, fedgma"),
     (["--dataset", "svhn"], "dataset: unknown name 'svhn'; valid: colored-digits"),
     (["--clients-per-round", "20"], "clients_per_round=20 must be between 1 and num_clients=10"),
     (["--gma-tau", "2"], "gma_tau must be a finite number >= 0.0 and <= 1.0"),
