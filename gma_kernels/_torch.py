@@ -1,6 +1,6 @@
 """Pure-PyTorch backend: any device, the same formula as the Triton kernel.
 
-N is processed in chunks of L elements: each chunk of the K updates (at most ~1 MiB on CPU, so it
+N is processed in chunks of L elements: each chunk of the K updates (at most ~4 MiB on CPU, so it
 stays in cache) is read once and reduced (a matrix-vector product for the weighted sum, a sign
 pass and a sum for the count); every ``MASK_BLOCK`` coordinates the mask is applied while the
 block is still in cache. Nothing K×N is ever allocated; the only full-size temporary is ``g``.
@@ -17,7 +17,7 @@ from .batch import ClientBatch
 from .config import MaskConfig, StepConfig
 from .job import Job, Outcome
 
-CPU_CHUNK_BYTES = 1 << 20
+CPU_CHUNK_BYTES = 1 << 22
 DEVICE_CHUNK_BYTES = 1 << 28
 MASK_BLOCK = 1 << 17  # coordinates masked together (the per-coordinate ops run on this block)
 
@@ -60,6 +60,8 @@ def _chunk(batch: ClientBatch, start: int, stop: int, buf: Tensor) -> Tensor:
     out = buf[: batch.num_clients * (stop - start)].view(batch.num_clients, stop - start)
     if batch.matrix is not None:
         out.copy_(batch.matrix[:, start:stop])
+    elif batch.dtype == torch.float32:
+        torch.stack([row[start:stop] for row in batch.rows], out=out)  # one op, not K copies
     else:
         for k, row in enumerate(batch.rows):
             out[k].copy_(row[start:stop])
