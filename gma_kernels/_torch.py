@@ -52,10 +52,10 @@ def mask_from_count(count: Tensor, threshold: float, scale: float, hard: bool
     return (keep.to(torch.float32) if hard else torch.where(keep, 1.0, agree)), agree
 
 
-def _chunk(batch: ClientBatch, start: int, stop: int, buf: Tensor) -> Tensor:
-    """The updates' columns ``[start, stop)`` as a ``[K, n]`` float32 matrix (a view when the
-    updates already are a float32 matrix, else converted into ``buf``)."""
-    if batch.matrix is not None and batch.dtype == torch.float32:
+def _chunk(batch: ClientBatch, start: int, stop: int, buf: Tensor | None) -> Tensor:
+    """The updates' columns ``[start, stop)`` as a ``[K, n]`` float32 matrix: a view of a
+    float32 matrix (``buf`` is None then), else converted into ``buf``."""
+    if buf is None:
         return batch.matrix[:, start:stop]
     out = buf[: batch.num_clients * (stop - start)].view(batch.num_clients, stop - start)
     if batch.matrix is not None:
@@ -75,7 +75,7 @@ def run(job: Job) -> Outcome:
     block = max(length, min(MASK_BLOCK, n_total))
     f32 = dict(dtype=torch.float32, device=device)
     mean_w = torch.tensor(batch.mean_weights, **f32)
-    agree_w = torch.tensor(batch.mean_weights, **f32) if job.mask.weighted_agreement else None
+    agree_w = mean_w if job.mask.weighted_agreement else None  # a_k = p̄_k
     threshold, scale = mask_threshold(job.mask, k_total)
     hard = job.mask.mask == "hard"
     split = step is not None and step.placement == "after" and step.kind != "sgd"
@@ -83,7 +83,8 @@ def run(job: Job) -> Outcome:
     # ``g`` holds the weighted mean, then (block by block, in cache) the masked mean.
     g = job.g_out if job.g_out is not None else torch.empty(n_total, **f32)
     mask_out = torch.empty(n_total, **f32) if split else None
-    xbuf = torch.empty(k_total * length, **f32)
+    in_place = batch.matrix is not None and batch.dtype == torch.float32  # chunks are views
+    xbuf = None if in_place else torch.empty(k_total * length, **f32)
     sbuf = torch.empty(k_total * length, **f32)
     count = torch.empty(block, **f32)
     mask_sum = torch.zeros((), **f32)

@@ -17,6 +17,7 @@ from .config import NONFINITE_POLICIES, MaskConfig, NonFinitePolicy, _check_choi
 from .job import Job, Outcome
 
 BACKENDS = ("auto", "triton", "torch")
+_OVERFLOW = "the weighted sum of the updates overflowed float32; params left unchanged"
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def execute(job: Job, raw_weights: tuple[float, ...], *, nonfinite: NonFinitePol
         return stats
     bad = nonfinite_clients(job.batch)
     if not bad:
-        raise ValueError("the weighted sum of the updates overflowed float32; params left unchanged")
+        raise ValueError(_OVERFLOW)
     names = ", ".join(f"updates[{k}]" for k in bad)
     if nonfinite == "raise":
         raise ValueError(f"{names} contain non-finite values (NaN or inf); params and optimizer "
@@ -101,7 +102,7 @@ def execute(job: Job, raw_weights: tuple[float, ...], *, nonfinite: NonFinitePol
         raise ValueError(f"every update is non-finite ({names}); params left unchanged")
     stats = _run(impl, replace(job, batch=job.batch.subset(keep, raw_weights)))
     if stats is None:
-        raise ValueError("the weighted sum of the updates overflowed float32; params left unchanged")
+        raise ValueError(_OVERFLOW)
     return replace(stats, dropped=tuple(bad))
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _torch
 from .batch import ClientBatch, Updates, Weights, make_batch
 from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, _check_choice
-from .engine import GMAStats, resolve_backend
+from .engine import GMAStats, nonfinite_clients, resolve_backend
 
 
 class Accumulator:
@@ -73,7 +73,7 @@ class Accumulator:
                              f"accumulator holds {self.numel} on {self.buffer.device}")
         keep = list(range(batch.num_clients))
         if self.nonfinite != "unchecked":
-            bad = [k for k, row in enumerate(batch.rows) if not bool(torch.isfinite(row).all())]
+            bad = nonfinite_clients(batch)
             if bad and self.nonfinite == "raise":
                 names = ", ".join(f"update #{self._seen + k}" for k in bad)
                 raise ValueError(f"{names} contain non-finite values (NaN or inf); "
