@@ -6,8 +6,9 @@
 Writes markdown (stdout without ``-o``): per (device, dtype, K, N) group, each contender's
 median time, achieved GB/s (minimum traffic / median), that as a % of the session's copy
 bandwidth, peak extra memory, first-call time, correctness error and the speedup of our
-backends (gma_step[torch], gma_step[triton]) over it; then a summary grid and the project's
-targets at K=16, N=2^22 fp32 on CPU. ``--plot`` draws GB/s (or time) against N, one line per
+backends (gma_step[torch], gma_step[triton]) over it, and on a GPU the same call timed back to
+back (CUDA events around a loop, host work overlapped) against a copy timed the same way; then a
+summary grid and the project's targets (CPU: K=16, N=2^22 fp32; GPU: K >= 8, N >= 2^24). ``--plot`` draws GB/s (or time) against N, one line per
 contender, one panel per K, one row of panels per (device, dtype).
 """
 from __future__ import annotations
@@ -103,9 +104,14 @@ def group_table(key: tuple, rows: list[dict]) -> list[str]:
     first = rows[0]
     lines = [f"### {device} {dtype} K={k} N={_p2(n)}", "",
              f"{first.get('device_name', device)}; minimum traffic {first['bytes'] / 1e6:.1f} MB; "
-             f"copy bandwidth {first.get('copy_gbps', float('nan')):.1f} GB/s", ""]
+             f"copy bandwidth {first.get('copy_gbps', float('nan')):.1f} GB/s"
+             + (f" (back to back {first['copy_b2b_gbps']:.1f} GB/s)"
+                if first.get("copy_b2b_gbps") else ""), ""]
     head = ["contender", "median ms", "GB/s", "% copy BW", "peak extra MiB", "extra / (N·4)",
             "first call ms", "rel. L2 err", "other CPU %"]
+    b2b = any(r.get("b2b_s") for r in rows)
+    if b2b:
+        head += ["back-to-back ms", "back-to-back % copy BW"]
     head += [f"{name} speedup" for name in ours]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -126,6 +132,9 @@ def group_table(key: tuple, rows: list[dict]) -> list[str]:
                  first_call,
                  f"{err:.1e}" if err is not None else "-",
                  f"{100 * noise:.0f}" if noise is not None else "-"]
+        if b2b:
+            cells += [_ms(row.get("b2b_s")),
+                      f"{100 * row['b2b_frac_copy_bw']:.1f}" if row.get("b2b_s") else "-"]
         for name in ours:
             mine = by_name[name].get("median_s")
             cells.append(f"{median / mine:.2f}x" if median and mine else "-")
@@ -181,6 +190,38 @@ def targets_section(groups: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+GPU_TARGET_BW = 0.85
+GPU_TARGET_VS_NAIVE = 4.0
+
+
+def gpu_targets_section(groups: dict[tuple, list[dict]]) -> list[str]:
+    """Issue 5's GPU targets at K >= 8, N >= 2^24: the kernel's share of the copy bandwidth
+    (back to back, and per synchronized call with and without the guard), >= 4x the naive
+    eager formula and no slower than torch.compile of it (per synchronized call)."""
+    head = ["dtype", "K", "N", "kernel, back to back (unchecked)", "per call, unchecked",
+            "per call, guard", "vs naive eager", "vs torch.compile (guard / unchecked)"]
+    lines = []
+    for (device, dtype, k, n), rows in groups.items():
+        by = {r["contender"]: r for r in rows}
+        guard, free = by.get("gma_step[triton]"), by.get("gma_step[triton,unchecked]")
+        if device != "cuda" or k < 8 or n < (1 << 24) or not (guard and free):
+            continue
+        pct = lambda r, key: f"{100 * r[key]:.0f} %" if r.get(key) else "-"  # noqa: E731
+
+        def ratio(name: str, ours: dict) -> str:
+            other = by.get(name, {}).get("median_s")
+            return f"{other / ours['median_s']:.2f}x" if other and ours.get("median_s") else "-"
+        lines.append(f"| {dtype} | {k} | {_p2(n)} | {pct(free, 'b2b_frac_copy_bw')} | "
+                     f"{pct(free, 'frac_copy_bw')} | {pct(guard, 'frac_copy_bw')} | "
+                     f"{ratio('naive_eager', guard)} | {ratio('naive_compile', guard)} / "
+                     f"{ratio('naive_compile', free)} |")
+    if not lines:
+        return []
+    return ["## GPU targets (K >= 8, N >= 2^24; targets: >= 85 % of copy bandwidth, >= 4x naive "
+            "eager, >= 1x torch.compile)", "", "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head)] + lines + [""]
+
+
 def environment(rows: list[dict]) -> list[str]:
     first = rows[0]
     versions = ", ".join(f"{name} {first.get(name + '_version')}"
@@ -225,7 +266,8 @@ def others_section(others: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict], others: list[dict] = ()) -> str:
     groups = grouped(rows)
-    lines = environment(rows) + targets_section(groups) + summary_grid(groups)
+    lines = (environment(rows) + targets_section(groups) + gpu_targets_section(groups)
+             + summary_grid(groups))
     lines += ["## Per group", ""]
     for key, group_rows in groups.items():
         lines += group_table(key, group_rows)

@@ -293,3 +293,7 @@ def test_aggregation(benchmark, case_key, contender_name, copy_bw, session_first
                     frac_copy_bw=traffic / stats.median / 1e9 / bw["copy_gbps"])
         if contender.compiles:
             info["compile_s"] = max(0.0, first - stats.median)
+    if dev.type == "cuda" and not contender.host_side:
+        per_call = _harness.back_to_back(prepared.fn)
+        info.update(b2b_s=per_call, b2b_gbps=traffic / per_call / 1e9,
+                    b2b_frac_copy_bw=traffic / per_call / 1e9 / bw["copy_b2b_gbps"])
