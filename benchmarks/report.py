@@ -22,8 +22,8 @@ from pathlib import Path
 
 OURS = ("gma_step[torch]", "gma_step[triton]")
 CONTENDER_ORDER = ("gma_step[triton]", "gma_step[triton,unchecked]", "gma_step[torch]",
-                   "gma_step[torch,unchecked]", "gma_step[torch,list]", "accumulator[triton]",
-                   "accumulator[torch]", "naive_eager", "naive_compile", "flower_fedavg",
+                   "gma_step[torch,unchecked]", "gma_step[torch,pure]", "gma_step[torch,list]",
+                   "accumulator[triton]", "accumulator[torch]", "naive_eager", "naive_compile", "flower_fedavg",
                    "declearn_gma")
 DTYPE_ORDER = ("fp32", "bf16")
 #: targets the project set for itself, checked on CPU at K=16, N=2^22, fp32

@@ -19,6 +19,7 @@ import torch
 
 import _harness
 import gma_kernels as gk
+from gma_kernels import _native
 
 
 @dataclass
@@ -45,12 +46,15 @@ class Contender:
     host_side: bool = False
     requires: tuple[str, ...] = ()
     cuda_only: bool = False
+    cpu_only: bool = False
     fp32_only: str | None = None
     max_bytes_cuda: int | None = None
 
     def skip_reason(self, device: str, dtype_name: str, k: int, n: int) -> str | None:
         if self.cuda_only and device != "cuda":
             return f"{self.name} runs on CUDA only (Triton's CPU interpreter is no benchmark)"
+        if self.cpu_only and device != "cpu":
+            return f"{self.name} differs from gma_step[torch] on CPU only"
         for module in self.requires:
             reason = _import_problem(module)
             if reason:
@@ -77,16 +81,22 @@ def _import_problem(module: str) -> str | None:
 # ----------------------------------------------------------------------------- contenders
 
 
-def gma_step_contender(backend: str, nonfinite: str = "raise", layout: str = "matrix"
-                       ) -> Callable[[_harness.Case], Prepared]:
+def gma_step_contender(backend: str, nonfinite: str = "raise", layout: str = "matrix",
+                       native: bool = True) -> Callable[[_harness.Case], Prepared]:
+    """``native=False``: the torch backend's pure-PyTorch CPU path (native kernel switched off
+    for the call)."""
     def build(case: _harness.Case) -> Prepared:
         params = case.params0.clone()
         updates = case.updates if layout == "matrix" else list(case.updates.unbind(0))
         weights = case.weights
 
         def fn():
-            gk.gma_step(params, updates, weights, lr=case.lr, tau=case.tau, backend=backend,
-                        nonfinite=nonfinite)
+            saved, _native.ENABLED = _native.ENABLED, native and _native.ENABLED
+            try:
+                gk.gma_step(params, updates, weights, lr=case.lr, tau=case.tau, backend=backend,
+                            nonfinite=nonfinite)
+            finally:
+                _native.ENABLED = saved
         return Prepared(fn, lambda: params)
     return build
 
@@ -185,6 +195,9 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
               "default non-finite guard", gma_step_contender("torch")),
     Contender("gma_step[torch,unchecked]", "gma_step, PyTorch backend, nonfinite='unchecked'",
               gma_step_contender("torch", "unchecked")),
+    Contender("gma_step[torch,pure]", "gma_step, PyTorch backend without the native CPU "
+              "kernel (PyTorch ops on cache-sized chunks)",
+              gma_step_contender("torch", native=False), cpu_only=True),
     Contender("gma_step[torch,list]", "gma_step, PyTorch backend, updates as a list of K "
               "1-D tensors", gma_step_contender("torch", layout="list")),
     Contender("accumulator[triton]", "streaming gma_kernels.Accumulator, Triton fold, "

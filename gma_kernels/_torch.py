@@ -1,11 +1,13 @@
-"""Pure-PyTorch backend: any device, the same formula as the Triton kernel.
+"""PyTorch backend: any device, the same formula as the Triton kernel, in two phases.
 
-N is processed in chunks of L elements: each chunk of the K updates (at most ~4 MiB on CPU, so it
-stays in cache) is read once and reduced (a matrix-vector product for the weighted sum, a sign
-pass and a sum for the count); every ``MASK_BLOCK`` coordinates the mask is applied while the
-block is still in cache. Nothing K×N is ever allocated; the only full-size temporary is ``g``.
-Phase 2 (the server step) runs only once the whole aggregate is known to be finite, so a
-guarded job never touches ``params`` or the optimizer state on bad input.
+Phase 1 reads every update once and writes ``g``. On CPU it runs the optional native kernel
+(``_native``: fused C loop, one pass, threads over columns) when it was built; otherwise, and on
+other devices, PyTorch ops on chunks of L elements: each chunk of the K updates (at most ~4 MiB
+on CPU, so it stays in cache) is reduced by a matrix-vector product for the weighted sum and a
+sign pass and a sum for the count, and every ``MASK_BLOCK`` coordinates the mask is applied
+while the block is still in cache. Nothing K×N is ever allocated; the only full-size temporary
+is ``g``. Phase 2 (the server step) runs only once the whole aggregate is known to be finite,
+so a guarded job never touches ``params`` or the optimizer state on bad input.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _native
 from .batch import ClientBatch
 from .config import MaskConfig, StepConfig
 from .job import Job, Outcome
@@ -70,6 +73,38 @@ def _chunk(batch: ClientBatch, start: int, stop: int, buf: Tensor | None) -> Ten
 
 def run(job: Job) -> Outcome:
     batch, step = job.batch, job.step
+    n_total = batch.numel
+    f32 = dict(dtype=torch.float32, device=batch.device)
+    split = step is not None and step.placement == "after" and step.kind != "sgd"
+    # ``g`` holds the masked mean (or, with ``split``, the unmasked mean and ``m`` apart)
+    g = job.g_out if job.g_out is not None else torch.empty(n_total, **f32)
+    mask_out = torch.empty(n_total, **f32) if split else None
+    aggregate = _aggregate_native if _native.supports(batch) else _aggregate_chunks
+    finite, sums = aggregate(job, g, mask_out)
+    if job.guard and not finite:
+        return Outcome(False, sums)
+    if step is not None:
+        block = min(MASK_BLOCK, n_total)
+        for lo in range(0, n_total, block):
+            sl = slice(lo, min(n_total, lo + block))
+            apply_step(step, job.params[sl], tuple(s[sl] for s in job.states), g[sl],
+                       mask_out[sl] if split else None)
+    return Outcome(True, sums)
+
+
+def _aggregate_native(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tensor]:
+    """Phase 1 in the fused C kernel: (every ``S_j`` finite, ``[[Σ m, Σ A]]``)."""
+    batch = job.batch
+    threshold, scale = mask_threshold(job.mask, batch.num_clients)
+    agree_w = batch.mean_weights if job.mask.weighted_agreement else None
+    mask_sum, agreement_sum, bad = _native.aggregate(
+        batch, agree_w, threshold, scale, job.mask.mask == "hard", g, job.a_out, mask_out)
+    return bad == 0, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
+
+
+def _aggregate_chunks(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tensor]:
+    """Phase 1 in PyTorch ops on cache-sized chunks: (every ``S_j`` finite, ``[[Σ m, Σ A]]``)."""
+    batch = job.batch
     device, n_total, k_total = batch.device, batch.numel, batch.num_clients
     length = chunk_length(batch)
     block = max(length, min(MASK_BLOCK, n_total))
@@ -78,11 +113,7 @@ def run(job: Job) -> Outcome:
     agree_w = mean_w if job.mask.weighted_agreement else None  # a_k = p̄_k
     threshold, scale = mask_threshold(job.mask, k_total)
     hard = job.mask.mask == "hard"
-    split = step is not None and step.placement == "after" and step.kind != "sgd"
 
-    # ``g`` holds the weighted mean, then (block by block, in cache) the masked mean.
-    g = job.g_out if job.g_out is not None else torch.empty(n_total, **f32)
-    mask_out = torch.empty(n_total, **f32) if split else None
     in_place = batch.matrix is not None and batch.dtype == torch.float32  # chunks are views
     xbuf = None if in_place else torch.empty(k_total * length, **f32)
     sbuf = torch.empty(k_total * length, **f32)
@@ -110,19 +141,12 @@ def run(job: Job) -> Outcome:
             check += mean.sum()  # NaN/inf propagate; a finite overflow is re-checked below
         if job.a_out is not None:
             job.a_out[lo:hi] = agree
-        if split:
+        if mask_out is not None:
             mask_out[lo:hi] = m
         else:
             mean.mul_(m)
-
-    if job.guard and not bool(torch.isfinite(check)) and not bool(torch.isfinite(g).all()):
-        return Outcome(False, torch.stack((mask_sum, agreement_sum))[None])
-    if step is not None:
-        for lo in range(0, n_total, block):
-            sl = slice(lo, min(n_total, lo + block))
-            apply_step(step, job.params[sl], tuple(s[sl] for s in job.states), g[sl],
-                       mask_out[sl] if split else None)
-    return Outcome(True, torch.stack((mask_sum, agreement_sum))[None])
+    finite = not job.guard or bool(torch.isfinite(check)) or bool(torch.isfinite(g).all())
+    return finite, torch.stack((mask_sum, agreement_sum))[None]
 
 
 def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,

@@ -1,0 +1,152 @@
+/* The fused GMA aggregation on CPU: one pass over every client's update, no K×N temporary.
+ *
+ * For the columns [lo, hi), tile by tile (TILE columns, accumulators in L1):
+ *     S_j = Σ_k p̄_k x_kj          (float32, clients in order k = 0..K-1)
+ *     C_j = Σ_k a_k sign(x_kj)     (a_k = 1: an exact integer count; or a_k = p̄_k)
+ *     A_j = |C_j| · scale,  keep_j = |C_j| >= threshold
+ *     m_j = keep_j ? 1 : (hard ? 0 : A_j)
+ * and writes g_j = m_j · S_j (or S_j and m_j apart when the mask is applied after the server
+ * step), optionally A_j, and the sums of m, of A and the count of non-finite S_j.
+ *
+ * Rows are float32 or bfloat16 (converted exactly to float32 on load), each row a pointer of
+ * its own, so a list of tensors is read where it lies. Plain C, no Python headers: the package
+ * loads it with ctypes (gma_kernels/_native.py), which releases the GIL during the call so
+ * several threads can each take a range of columns.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef TILE
+#define TILE 512
+#endif
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+static inline float load_f32(const void *row, int64_t j) { return ((const float *)row)[j]; }
+
+static inline float load_bf16(const void *row, int64_t j) {
+    uint32_t bits = (uint32_t)((const uint16_t *)row)[j] << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+static inline int sign_int(float x) { return (x > 0.0f) - (x < 0.0f); }
+
+static inline float sign_float(float x) {
+    return (x > 0.0f ? 1.0f : 0.0f) - (x < 0.0f ? 1.0f : 0.0f);
+}
+
+/* Fold clients [k0, k0 + 4) (or one, R = 1) into the tile's sums: four rows per sweep of the
+ * tile, so the accumulators are loaded and stored once per four rows; S still adds the clients
+ * in order k0, k0 + 1, ... The unweighted count is an exact int32. */
+#define DEFINE_FOLD(NAME, LOAD)                                                                  \
+    MULTIVERSION                                                                               \
+    static void NAME(const void *const *rows, int64_t k0, int r, int64_t start, int len,         \
+                     const float *w, const float *a, float *restrict total,                    \
+                     float *restrict fcount, int32_t *restrict icount) {                       \
+        const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],       \
+                   *r3 = rows[k0 + 3 * (r > 1)];                                               \
+        float w0 = w[k0];                                                                      \
+        if (r == 1 && a) {                                                                     \
+            float a0 = a[k0];                                                                  \
+            for (int j = 0; j < len; ++j) {                                                    \
+                float x0 = LOAD(r0, start + j);                                                \
+                total[j] += w0 * x0;                                                           \
+                fcount[j] += a0 * sign_float(x0);                                              \
+            }                                                                                  \
+        } else if (r == 1) {                                                                   \
+            for (int j = 0; j < len; ++j) {                                                    \
+                float x0 = LOAD(r0, start + j);                                                \
+                total[j] += w0 * x0;                                                           \
+                icount[j] += sign_int(x0);                                                     \
+            }                                                                                  \
+        } else if (a) {                                                                        \
+            float w1 = w[k0 + 1], w2 = w[k0 + 2], w3 = w[k0 + 3];                              \
+            float a0 = a[k0], a1 = a[k0 + 1], a2 = a[k0 + 2], a3 = a[k0 + 3];                  \
+            for (int j = 0; j < len; ++j) {                                                    \
+                float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                      \
+                float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                      \
+                total[j] = (((total[j] + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3;             \
+                fcount[j] = (((fcount[j] + a0 * sign_float(x0)) + a1 * sign_float(x1))         \
+                             + a2 * sign_float(x2)) + a3 * sign_float(x3);                     \
+            }                                                                                  \
+        } else {                                                                               \
+            float w1 = w[k0 + 1], w2 = w[k0 + 2], w3 = w[k0 + 3];                              \
+            for (int j = 0; j < len; ++j) {                                                    \
+                float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                      \
+                float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                      \
+                total[j] = (((total[j] + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3;             \
+                icount[j] += sign_int(x0) + sign_int(x1) + sign_int(x2) + sign_int(x3);        \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+DEFINE_FOLD(fold_f32, load_f32)
+DEFINE_FOLD(fold_bf16, load_bf16)
+
+MULTIVERSION
+static void finish_tile(const float *restrict total, float *restrict fcount,
+                        const int32_t *restrict icount, int weighted, int len, float threshold,
+                        float scale, int hard, float *restrict g, float *restrict a_out,
+                        float *restrict m_out, double *restrict sums) {
+    float mask_sum = 0.0f, agree_sum = 0.0f, bad = 0.0f;
+    for (int j = 0; j < len; ++j) {
+        float score = weighted ? fabsf(fcount[j]) : (float)abs(icount[j]);
+        float agree = score * scale;
+        int keep = score >= threshold;
+        float m = keep ? 1.0f : (hard ? 0.0f : agree);
+        float s = total[j];
+        bad += (fabsf(s) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
+        mask_sum += m;
+        agree_sum += agree;
+        fcount[j] = agree;
+        if (m_out) {
+            m_out[j] = m;
+            g[j] = s;
+        } else {
+            g[j] = m * s;
+        }
+    }
+    if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
+    sums[0] += mask_sum;
+    sums[1] += agree_sum;
+    sums[2] += bad;
+}
+
+/* dtype: 0 = float32, 1 = bfloat16. rows[k] points at element 0 of client k's update.
+ * agree_w is NULL for the unweighted (exact count) agreement. a_out and m_out may be NULL; with
+ * m_out, g receives the unmasked mean S and m_out the mask. sums[0..2] are accumulated into:
+ * Σ m, Σ A, the number of non-finite S_j. Returns 0, or -1 for an unknown dtype. */
+int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
+                      int64_t hi, const float *mean_w, const float *agree_w, float threshold,
+                      float scale, int hard, float *g, float *a_out, float *m_out,
+                      double *sums) {
+    float total[TILE], fcount[TILE];
+    int32_t icount[TILE];
+    if (dtype != 0 && dtype != 1) return -1;
+    int weighted = agree_w != NULL;
+    for (int64_t start = lo; start < hi; start += TILE) {
+        int len = (int)(hi - start < TILE ? hi - start : TILE);
+        memset(total, 0, sizeof total);
+        memset(fcount, 0, sizeof fcount);
+        memset(icount, 0, sizeof icount);
+        for (int64_t k = 0; k < num_clients;) {
+            int r = num_clients - k >= 4 ? 4 : 1;
+            if (dtype == 0)
+                fold_f32(rows, k, r, start, len, mean_w, agree_w, total, fcount, icount);
+            else
+                fold_bf16(rows, k, r, start, len, mean_w, agree_w, total, fcount, icount);
+            k += r;
+        }
+        finish_tile(total, fcount, icount, weighted, len, threshold, scale, hard, g + start,
+                    a_out ? a_out + start : NULL, m_out ? m_out + start : NULL, sums);
+    }
+    return 0;
+}

@@ -1,0 +1,6 @@
+"""Builds the optional native CPU kernel (plain C, loaded with ctypes). If no C compiler is at
+hand the build is skipped and gma_kernels uses its pure-PyTorch CPU path instead."""
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("gma_kernels._gma_cpu", ["gma_kernels/csrc/gma_cpu.c"],
+                             extra_compile_args=["-O3", "-std=c11"], optional=True)])

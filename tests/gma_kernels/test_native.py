@@ -1,0 +1,125 @@
+"""The torch backend's two CPU paths for phase 1 — the native C kernel (``_native``) and the
+PyTorch chunks — each against the float64 reference, and against each other (identical
+unweighted masks). The rest of the suite runs ``backend="torch"`` on CPU through the native
+kernel whenever it is built; here the chunk path is forced as well."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gma_kernels as gk
+from gma_kernels import _native
+from gma_kernels.batch import make_batch
+
+import reference as ref
+from gk_util import assert_close, data_scale, make
+
+needs_native = pytest.mark.skipif(not _native.available(),
+                                  reason="native CPU kernel not built (no C compiler at install)")
+PATHS = [pytest.param("native", marks=needs_native), "chunks"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Force phase 1 onto one CPU path."""
+    if request.param == "chunks":
+        monkeypatch.setattr(_native, "ENABLED", False)
+    return request.param
+
+
+@pytest.fixture
+def many_threads(monkeypatch):
+    """Split even small N over several threads, so thread boundaries fall mid-tile."""
+    monkeypatch.setattr(_native, "MIN_COLUMNS_PER_THREAD", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["matrix", "list", "rowslice"])
+@pytest.mark.parametrize("k,n", [(1, 2), (3, 513), (4, 1000), (9, 4099), (19, 70001)])
+@pytest.mark.parametrize("mask,weighted", [("soft", False), ("hard", False), ("soft", True)])
+def test_masked_mean_and_agreement(path, dtype, kind, k, n, mask, weighted, many_threads):
+    if k == 1 and kind == "rowslice":
+        kind = "list"  # one row of a wider tensor is contiguous: nothing to slice
+    updates, exact, w = make(k * 1000 + n, k, n, dtype, kind)
+    g, stats = gk.masked_mean(updates, w, tau=0.5, mask=mask, weighted_agreement=weighted,
+                              backend="torch", return_stats=True)
+    expected = ref.masked_mean(exact, w, tau=0.5, mask=mask, weighted_agreement=weighted)
+    near = torch.zeros(n, dtype=torch.bool)
+    if weighted:  # a weighted score within rounding of τ may fall either side
+        near = (ref.agreement(exact, w, weighted=True) - 0.5).abs() < 1e-5
+    g, expected = g[~near], expected[~near]
+    assert_close(g, expected, scale=data_scale(exact))
+    a = gk.agreement(updates, w, weighted=weighted, backend="torch")
+    assert_close(a, ref.agreement(exact, w, weighted=weighted), scale=1.0)
+    dens = ref.density(exact, w, tau=0.5, mask=mask, weighted=weighted)
+    assert float(stats.density) == pytest.approx(dens, abs=1e-6 + float(near.sum()) / n)
+    assert float(stats.mean_agreement) == pytest.approx(
+        ref.mean_agreement(exact, w, weighted=weighted), abs=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [1, 4, 7, 64])
+def test_native_mask_identical_to_chunks(dtype, k, many_threads, monkeypatch):
+    updates, _, w = make(k, k, 3001, dtype, "list")
+    native = gk.agreement(updates, w, backend="torch")
+    monkeypatch.setattr(_native, "ENABLED", False)
+    chunks = gk.agreement(updates, w, backend="torch")
+    assert torch.equal(native, chunks)
+
+
+@needs_native
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_native_server_step(placement, many_threads):
+    """Adam with the mask after the step: ``g`` unmasked and ``m`` apart (the split outputs)."""
+    updates, exact, w = make(5, 6, 2053, torch.float32, "list")
+    params = torch.randn(2053, dtype=torch.float64)
+    flat = params.float()
+    opt = gk.ServerOptimizer(flat, "adam", lr=0.1, tau=0.5, mask_placement=placement,
+                             backend="torch")
+    expected = ref.Optimizer(params, "adam", lr=0.1, placement=placement, tau=0.5)
+    for _ in range(3):
+        opt.step(updates, w)
+        expected.step(exact, w)
+    assert_close(flat, expected.params, scale=1.0, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_native_overwrites_poisoned_outputs(many_threads):
+    updates, exact, w = make(11, 5, 777, torch.bfloat16, "matrix")
+    batch, _ = make_batch(updates, w)
+    g = torch.full((777,), float("nan"))
+    a = torch.full((777,), float("nan"))
+    m = torch.full((777,), float("nan"))
+    sums = _native.aggregate(batch, None, 3.0, float(np.float32(1 / 5)), False, g, a, m)
+    assert torch.isfinite(g).all() and torch.isfinite(a).all() and torch.isfinite(m).all()
+    assert_close(g, ref.average(exact, w), scale=data_scale(exact))
+    expected_m = ref.mask(exact, w, tau=0.6)
+    assert_close(m, expected_m, scale=1.0)
+    assert sums[0] == pytest.approx(float(expected_m.sum()), rel=1e-6)
+    assert sums[2] == 0
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threads):
+    updates, _, w = make(3, 4, 5000, torch.float32, "list")
+    updates[2][4990] = bad  # in the last thread's range
+    params = torch.randn(5000)
+    before = params.clone()
+    with pytest.raises(ValueError, match=r"updates\[2\]"):
+        gk.gma_step(params, updates, w, backend="torch")
+    assert torch.equal(params, before)
+    gk.gma_step(params, updates, w, backend="torch", nonfinite="drop")
+    assert torch.isfinite(params).all() and not torch.equal(params, before)
+
+
+def test_float16_takes_the_chunk_path():
+    updates, _, w = make(1, 3, 100, torch.float16, "matrix")
+    assert not _native.supports(make_batch(updates, w)[0])
