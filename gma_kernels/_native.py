@@ -36,11 +36,12 @@ def _library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
             except OSError:
                 return None
-            fn = lib.gma_cpu_aggregate
-            p = ctypes.c_void_p
-            fn.argtypes = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p,
-                           ctypes.c_float, ctypes.c_float, ctypes.c_int, p, p, p, p]
-            fn.restype = ctypes.c_int
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            head = [p, ctypes.c_int, i64, i64, i64, p, p]   # rows, dtype, K, lo, hi, w, a
+            lib.gma_cpu_aggregate.argtypes = head + [ctypes.c_float, ctypes.c_float,
+                                                     ctypes.c_int, p, p, p, p]
+            lib.gma_cpu_fold.argtypes = head + [p, p]
+            lib.gma_cpu_aggregate.restype = lib.gma_cpu_fold.restype = ctypes.c_int
             return lib
     return None
 
@@ -59,34 +60,56 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="gma-cpu")
 
 
+def _row_pointers(batch: ClientBatch) -> np.ndarray:
+    if batch.matrix is not None:
+        stride = batch.matrix.stride(0) * batch.dtype.itemsize
+        return batch.matrix.data_ptr() + stride * np.arange(batch.num_clients, dtype=np.uint64)
+    return np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
+
+
+def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
+                  agree_weights: tuple[float, ...] | None, *rest,
+                  sums: np.ndarray | None = None) -> None:
+    """Call ``fn(rows, dtype, K, lo, hi, w, a, *rest)`` on contiguous column ranges, one per
+    thread; with ``sums`` (one row per thread), thread ``i`` also gets ``sums[i]``."""
+    n = batch.numel
+    pointers = _row_pointers(batch)
+    w = np.array(weights, dtype=np.float32)
+    a = None if agree_weights is None else np.array(agree_weights, dtype=np.float32)
+    threads = max(1, min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD))
+    bounds = [min(n, (n * i // threads + _ALIGN - 1) // _ALIGN * _ALIGN) for i in range(threads)]
+    bounds.append(n)
+    head = (pointers.ctypes.data, DTYPE_CODES[batch.dtype], batch.num_clients)
+    tail = (w.ctypes.data, None if a is None else a.ctypes.data)
+
+    def work(i: int) -> int:
+        own = () if sums is None else (sums[i].ctypes.data,)
+        return fn(*head, bounds[i], bounds[i + 1], *tail, *rest, *own)
+
+    codes = [work(0)] if threads == 1 else list(_pool(threads).map(work, range(threads)))
+    if any(codes):
+        raise RuntimeError(f"native CPU kernel failed (codes {codes})")
+
+
+def _address(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, threshold: float,
               scale: float, hard: bool, g: Tensor, a_out: Tensor | None,
               m_out: Tensor | None) -> np.ndarray:
     """Fill ``g`` (and ``a_out``, ``m_out``) for every column; return ``[Σ m, Σ A, #non-finite
     S_j]`` (float64). ``agree_weights`` None: the unweighted, exact sign count."""
-    fn = _library().gma_cpu_aggregate
-    k, n = batch.num_clients, batch.numel
-    if batch.matrix is not None:
-        stride = batch.matrix.stride(0) * batch.dtype.itemsize
-        pointers = batch.matrix.data_ptr() + stride * np.arange(k, dtype=np.uint64)
-    else:
-        pointers = np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
-    mean_w = np.array(batch.mean_weights, dtype=np.float32)
-    agree_w = None if agree_weights is None else np.array(agree_weights, dtype=np.float32)
-    address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    threads = max(1, min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD))
-    bounds = [min(n, (n * i // threads + _ALIGN - 1) // _ALIGN * _ALIGN) for i in range(threads)]
-    bounds.append(n)
+    threads = torch.get_num_threads()
     sums = np.zeros((threads, 3), dtype=np.float64)
-    fixed = (pointers.ctypes.data, DTYPE_CODES[batch.dtype], k)
-    rest = (mean_w.ctypes.data, None if agree_w is None else agree_w.ctypes.data,
-            float(threshold), float(scale), int(hard), g.data_ptr(), address(a_out),
-            address(m_out))
-
-    def work(i: int) -> int:
-        return fn(*fixed, bounds[i], bounds[i + 1], *rest, sums[i].ctypes.data)
-
-    codes = [work(0)] if threads == 1 else list(_pool(threads).map(work, range(threads)))
-    if any(codes):
-        raise RuntimeError(f"native CPU kernel failed (codes {codes})")
+    _over_columns(_library().gma_cpu_aggregate, batch, batch.mean_weights, agree_weights,
+                  float(threshold), float(scale), int(hard), g.data_ptr(), _address(a_out),
+                  _address(m_out), sums=sums)
     return sums.sum(0)
+
+
+def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:
+    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)``
+    (``batch.mean_weights`` carry the raw weights ``p_k``; ``a_k = p_k`` when ``weighted``)."""
+    _over_columns(_library().gma_cpu_fold, batch, batch.mean_weights,
+                  batch.mean_weights if weighted else None, total.data_ptr(), count.data_ptr())

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _torch
+from . import _native, _torch
 from .batch import ClientBatch, Updates, Weights, make_batch
 from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, _check_choice
 from .engine import GMAStats, nonfinite_clients, resolve_backend
@@ -89,7 +89,9 @@ class Accumulator:
     def _fold(self, batch: ClientBatch) -> None:
         """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)``; ``batch.mean_weights`` are raw here."""
         impl = resolve_backend(self.backend, self.buffer.device)
-        if impl is _torch:
+        if impl is _torch and _native.supports(batch):
+            _native.fold(batch, self.total, self.count, self.weighted_agreement)
+        elif impl is _torch:
             for row, p in zip(batch.rows, batch.mean_weights):
                 self.total.add_(row, alpha=p)
                 sign = torch.sign(row)

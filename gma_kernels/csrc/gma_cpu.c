@@ -120,6 +120,22 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
     sums[2] += bad;
 }
 
+static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, int64_t start,
+                     int len, const float *w, const float *a, float *total, float *fcount,
+                     int32_t *icount) {
+    for (int64_t k = 0; k < num_clients;) {
+        int r = num_clients - k >= 4 ? 4 : 1;
+        if (dtype == 0)
+            fold_f32(rows, k, r, start, len, w, a, total, fcount, icount);
+        else if (dtype == 1)
+            fold_bf16(rows, k, r, start, len, w, a, total, fcount, icount);
+        else
+            return -1;
+        k += r;
+    }
+    return 0;
+}
+
 /* dtype: 0 = float32, 1 = bfloat16. rows[k] points at element 0 of client k's update.
  * agree_w is NULL for the unweighted (exact count) agreement. a_out and m_out may be NULL; with
  * m_out, g receives the unmasked mean S and m_out the mask. sums[0..2] are accumulated into:
@@ -130,23 +146,34 @@ int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, i
                       double *sums) {
     float total[TILE], fcount[TILE];
     int32_t icount[TILE];
-    if (dtype != 0 && dtype != 1) return -1;
-    int weighted = agree_w != NULL;
     for (int64_t start = lo; start < hi; start += TILE) {
         int len = (int)(hi - start < TILE ? hi - start : TILE);
         memset(total, 0, sizeof total);
         memset(fcount, 0, sizeof fcount);
         memset(icount, 0, sizeof icount);
-        for (int64_t k = 0; k < num_clients;) {
-            int r = num_clients - k >= 4 ? 4 : 1;
-            if (dtype == 0)
-                fold_f32(rows, k, r, start, len, mean_w, agree_w, total, fcount, icount);
-            else
-                fold_bf16(rows, k, r, start, len, mean_w, agree_w, total, fcount, icount);
-            k += r;
-        }
-        finish_tile(total, fcount, icount, weighted, len, threshold, scale, hard, g + start,
-                    a_out ? a_out + start : NULL, m_out ? m_out + start : NULL, sums);
+        if (fold_tile(rows, dtype, num_clients, start, len, mean_w, agree_w, total, fcount,
+                      icount))
+            return -1;
+        finish_tile(total, fcount, icount, agree_w != NULL, len, threshold, scale, hard,
+                    g + start, a_out ? a_out + start : NULL, m_out ? m_out + start : NULL, sums);
+    }
+    return 0;
+}
+
+/* The streaming fold: S_j += Σ_k w_k x_kj (clients in order), C_j += Σ_k a_k sign(x_kj) (a_k = 1
+ * when agree_w is NULL), for the columns [lo, hi), in place in the float32 arrays S and C. */
+int gma_cpu_fold(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
+                 int64_t hi, const float *w, const float *agree_w, float *S, float *C) {
+    float fcount[TILE];
+    int32_t icount[TILE];
+    for (int64_t start = lo; start < hi; start += TILE) {
+        int len = (int)(hi - start < TILE ? hi - start : TILE);
+        memcpy(fcount, C + start, (size_t)len * sizeof(float));
+        memset(icount, 0, sizeof icount);
+        if (fold_tile(rows, dtype, num_clients, start, len, w, agree_w, S + start, fcount,
+                      icount))
+            return -1;
+        for (int j = 0; j < len; ++j) C[start + j] = fcount[j] + (float)icount[j];
     }
     return 0;
 }

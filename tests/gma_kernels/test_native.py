@@ -123,3 +123,23 @@ def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threa
 def test_float16_takes_the_chunk_path():
     updates, _, w = make(1, 3, 100, torch.float16, "matrix")
     assert not _native.supports(make_batch(updates, w)[0])
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_streaming_fold(path, dtype, weighted, many_threads):
+    """Folding a stream in three uneven parts gives the batch reference's sums."""
+    updates, exact, w = make(21, 9, 3001, dtype, "list")
+    acc = gk.Accumulator(3001, weighted_agreement=weighted, backend="torch")
+    acc.add(updates[0], w[0])
+    acc.add(updates[1:5], w[1:5])
+    acc.add(updates[5:], w[5:])
+    p = torch.tensor(w, dtype=torch.float64)
+    assert_close(acc.total, p @ exact, scale=data_scale(exact) * float(p.sum()))
+    signs = torch.sign(exact)
+    expected_count = p @ signs if weighted else signs.sum(0)
+    assert_close(acc.count, expected_count, scale=float(p.sum()) if weighted else 1.0)
+    if not weighted:  # an exact integer count
+        assert torch.equal(acc.count.double(), expected_count)
+    assert acc.num_clients == 9 and acc.weight_sum == pytest.approx(float(p.sum()))
