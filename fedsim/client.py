@@ -5,6 +5,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,6 +13,16 @@ from torch import Tensor, nn
 from gma_kernels import FlatParams
 
 GradHook = Callable[[Tensor], None]
+
+
+def client_generator(seed: int, round_: int, client_id: int,
+                     device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator that shuffles client ``client_id``'s batches in round ``round_`` of the run
+    seeded ``seed``: a pure function of the three (``numpy.random.SeedSequence`` mixes them),
+    so a client's batches do not depend on which clients trained before it, or on which rank
+    trains it."""
+    state = np.random.SeedSequence([seed, round_, client_id]).generate_state(1, dtype=np.uint64)
+    return torch.Generator(device).manual_seed(int(state[0]))
 
 
 class ClientTrainer:

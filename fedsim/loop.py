@@ -1,5 +1,6 @@
 """The simulation: rounds, client sampling, local training, aggregation, evaluation, and the
-experiment around them (methods × seeds, checkpoints, resume)."""
+experiment around them (methods × seeds, checkpoints, resume), in one process or with each
+round's clients shared over the ranks of a process group (``fedsim.distributed``)."""
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,10 @@ from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, ClientContext, build_algorithm
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .client import ClientTrainer
+from .client import ClientTrainer, client_generator
 from .config import Config
 from .data import FederatedDataset, load_federated
+from .distributed import Collective, current_collective
 from .io import atomic_save
 from .models import build_model
 from .report import COLUMNS, write_metrics
@@ -30,29 +32,44 @@ EVAL_BATCH = 1024
 
 class Simulation:
     """One method with one seed: the global model and its server, the client algorithm, the one
-    reusable client trainer, and the generators for client sampling and batch shuffling."""
+    reusable client trainer, and the client sampler. Each client's batches are shuffled by
+    ``client_generator(seed, round, client)``, so they depend on nothing else (not on the
+    clients trained before it, nor on the rank that trains it).
 
-    def __init__(self, config: Config, data: FederatedDataset, method: str, seed: int) -> None:
+    ``comm``: the ranks that share each round's clients (default: the initialized process
+    group, if any, else one process). Every rank builds the same simulation and draws the same
+    sample; each trains its share and all take the same server step."""
+
+    def __init__(self, config: Config, data: FederatedDataset, method: str, seed: int,
+                 comm: Collective | None = None) -> None:
         device = config.torch_device()
         seed_everything(seed)
         model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-        self.config, self.data = config, data
+        self.config, self.data, self.seed = config, data, seed
+        self.comm = comm or current_collective()
         self.trainer = ClientTrainer(copy.deepcopy(model), lr=config.lr, batch_size=config.batch_size,
                                      local_epochs=config.local_epochs, local_steps=config.local_steps,
                                      weight_decay=config.weight_decay)
         self.algorithm = build_algorithm(method, config)
         self.server = Server(model, config, masked=self.algorithm.masked,
-                             optimizer=self.algorithm.server_optimizer)
+                             optimizer=self.algorithm.server_optimizer, comm=self.comm)
         self.algorithm.setup(self.server)
         self.sampler = np.random.default_rng(seed)
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.rounds_played = 0
+
+    def sample(self) -> list[int]:
+        """This round's clients, sorted (the same on every rank: a shared sampler)."""
+        num = len(self.data.clients)
+        return np.sort(self.sampler.choice(num, size=self.config.clients_per_round,
+                                           replace=False)).tolist()
 
     def round(self) -> dict[str, float]:
         """Sample clients, train each locally from ``w``, aggregate and step the server."""
-        num = len(self.data.clients)
-        ids = np.sort(self.sampler.choice(num, size=self.config.clients_per_round, replace=False))
+        ids = self.sample()
+        self.rounds_played += 1
         return play_round(self.algorithm, self.server, self.trainer,
-                          [(int(k), *self.data.clients[k]) for k in ids], self.generator)
+                          [(k, *self.data.clients[k]) for k in ids],
+                          seed=self.seed, round_=self.rounds_played)
 
     def evaluate(self) -> dict[str, float | None]:
         """Accuracy and loss of the global model in distribution and, if there is one, OOD."""
@@ -63,35 +80,45 @@ class Simulation:
 
     def state_dict(self) -> dict[str, Any]:
         return {"server": self.server.state_dict(), "algorithm": self.algorithm.state_dict(),
-                "sampler": self.sampler.bit_generator.state, "generator": self.generator.get_state(),
-                "rng": capture_rng()}
+                "sampler": self.sampler.bit_generator.state, "seed": self.seed,
+                "rounds_played": self.rounds_played, "rng": capture_rng()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rounds_played" not in state:
+            raise ValueError("this state was saved by an older fedsim, whose clients shared one "
+                             "shuffling generator: it cannot be continued; start the run afresh")
         self.server.load_state_dict(state["server"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.sampler.bit_generator.state = state["sampler"]
-        self.generator.set_state(state["generator"])
+        self.seed, self.rounds_played = state["seed"], state["rounds_played"]
         restore_rng(state["rng"])
 
 
 def play_round(algorithm: Algorithm, server: Server, trainer: ClientTrainer,
-               clients: list[tuple[int, Tensor, Tensor]], generator: torch.Generator) -> dict[str, float]:
+               clients: list[tuple[int, Tensor, Tensor]], *, seed: int = 0,
+               round_: int = 0) -> dict[str, float]:
     """One round with the sampled ``clients`` (id, x, y): the algorithm's extra exchange, local
-    training of each from ``w``, aggregation. Returns the round's metrics: mean local loss,
-    mask statistics and the floats exchanged (totals over the clients, and the ratio to
-    FedAvg's ``2 N`` per client)."""
-    contexts = [ClientContext(k, x, y, server.params, trainer, generator) for k, x, y in clients]
+    training of each from ``w`` (client ``k`` shuffled by ``client_generator(seed, round_,
+    k)``), aggregation. Across ranks (``server.comm``) this rank trains its share of
+    ``clients`` and the exchanges combine the ranks. Returns the round's metrics, the same on
+    every rank: mean local loss over all the clients, mask statistics and the floats exchanged
+    (totals over the clients, and the ratio to FedAvg's ``2 N`` per client)."""
+    comm = server.comm
+    contexts = [ClientContext(k, x, y, server.params, trainer,
+                              client_generator(seed, round_, k, x.device))
+                for k, x, y in comm.shard(clients)]
     algorithm.pre_round(server, contexts)
     results = []
     for ctx in contexts:
         trainer.reset(server.params)
         results.append(algorithm.local_train(ctx))
     stats = algorithm.aggregate(server, results)
+    losses = comm.gather([r.loss for r in results], like=server.params.new_zeros(()))
     n = server.params.numel()
     down, up = algorithm.communication(n)
-    return {"train_loss": float(torch.stack([r.loss for r in results]).mean()),
+    return {"train_loss": float(torch.stack(losses).mean()),
             "mask_density": float(stats.density), "mean_agreement": float(stats.mean_agreement),
-            "floats_down": down * len(results), "floats_up": up * len(results),
+            "floats_down": down * len(clients), "floats_up": up * len(clients),
             "comm_vs_fedavg": (down + up) / (2 * n)}
 
 
@@ -127,17 +154,26 @@ def load_data(config: Config, seed: int) -> FederatedDataset:
 
 
 def default_threads() -> int:
-    """Half the cores, 1 to 4: small models gain little from more, and lose much when another
-    process competes for the cores."""
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    """Half the cores (shared among the ranks on this machine, ``LOCAL_WORLD_SIZE``), 1 to 4:
+    small models gain little from more, and lose much when another process competes for the
+    cores."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, (os.cpu_count() or 1) // (2 * ranks)))
 
 
-def run_experiment(config: Config, run_dir: Path, *, resume: bool = False,
-                   progress: bool = True) -> list[dict[str, Any]]:
+def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
+                   comm: Collective | None = None) -> list[dict[str, Any]]:
     """Run every method for every seed (same data and seeds for every method); return the
     metrics rows. Checkpoints every ``checkpoint_every`` rounds; ``resume`` continues from the
     run folder's checkpoint (if it has one; else from the start) and ends exactly as an
-    uninterrupted run would."""
+    uninterrupted run would.
+
+    ``comm`` (default: the initialized process group, if any, else one process): the ranks
+    that share each round's clients. Rank 0 alone evaluates, shows progress and writes the run
+    folder (metrics, checkpoints, models); the other ranks' rows lack the evaluation columns.
+    Every rank reads the checkpoint to resume, so ``run_dir`` must be one folder they all see."""
+    comm = comm or current_collective()
+    main = comm.is_main
     torch.set_num_threads(config.threads or default_threads())
     torch.backends.cudnn.deterministic = config.deterministic
     torch.backends.cudnn.benchmark = not config.deterministic
@@ -150,6 +186,8 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False,
                              "than its config.toml")
         first, rows, state = checkpoint["job"], checkpoint["rows"], checkpoint["state"]
         start_round = checkpoint["round"] + 1
+    if resume:
+        comm.barrier()  # every rank has read the checkpoint before rank 0 replaces it
 
     def save(job: int, round_: int, sim_state: dict | None) -> None:
         save_checkpoint(run_dir, {"config": config.to_dict(), "job": job, "round": round_,
@@ -157,13 +195,13 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False,
         write_metrics(run_dir, rows)
 
     data, data_seed = None, None
-    with tqdm(total=len(jobs) * config.rounds, initial=len(rows), disable=not progress,
-              unit="round", dynamic_ncols=True) as bar:
+    with tqdm(total=len(jobs) * config.rounds, initial=len(rows),
+              disable=not (progress and main), unit="round", dynamic_ncols=True) as bar:
         for job in range(first, len(jobs)):
             seed, method = jobs[job]
             if data_seed != seed:
                 data, data_seed = load_data(config, seed), seed
-            sim = Simulation(config, data, method, seed)
+            sim = Simulation(config, data, method, seed, comm)
             if state is not None:
                 sim.load_state_dict(state)
             bar.set_description(f"{method} seed {seed}")
@@ -171,11 +209,13 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False,
                 row = dict.fromkeys(COLUMNS) | {"method": method, "seed": seed, "round": r,
                                                  **sim.round()}
                 last = r == config.rounds
-                if last or r % config.eval_every == 0:
+                if main and (last or r % config.eval_every == 0):
                     row.update(sim.evaluate())
                     bar.set_postfix({k: row[k] for k in ("test_acc", "ood_acc") if row[k] is not None})
                 rows.append(row)
                 bar.update()
+                if not main:
+                    continue
                 if last:
                     save_model(sim.server.model, run_dir / f"model-{method}-seed{seed}.pt")
                     save(job + 1, 0, None)

@@ -3,6 +3,12 @@
 With no arguments it compares FedAvg and FedGMA on colored digits split non-IID (shards).
 Every ``Config`` field is a flag (``--local-epochs 3``; lists comma-separated: ``--seeds 0,1``)
 and a TOML key (``--config run.toml``); flags win over the file.
+
+Under ``torchrun --nproc-per-node N -m fedsim.run ...`` (``WORLD_SIZE > 1`` in the
+environment) it joins the process group itself (gloo on CPU, NCCL with ``--device cuda``),
+shares each round's clients over the ranks (``fedsim.distributed``) and leaves the group at the
+end; rank 0 alone prints and writes the run folder. A rank that dies makes the others exit with
+status 1 and an error naming the failed collective.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import FIELD_TYPES, Config, ConfigError
+from .distributed import DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session
 from .io import atomic_write
 from .loop import run_experiment
 from .report import format_table, plot_accuracy, summarize, write_results
@@ -38,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a stopped run from its checkpoint, with its config.toml")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others at an "
+                             f"exchange before failing (default: {DEFAULT_TIMEOUT_S:g})")
     settings = parser.add_argument_group("settings (TOML keys: the names with underscores)")
     for f in dataclasses.fields(Config):
         hint = FIELD_TYPES[f.name]
@@ -79,8 +89,9 @@ def new_run_dir(config: Config) -> Path:
     raise FileExistsError(f"cannot create a run folder next to {base}")
 
 
-def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Config, Path, bool]:
-    """(config, run folder, resuming?) from the parsed flags; a new run's config.toml is written."""
+def resolve(args: argparse.Namespace,
+            parser: argparse.ArgumentParser) -> tuple[Config, Path | None]:
+    """(config, the run folder to resume or None for a new run) from the parsed flags."""
     settings = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
     if "resume" in args:
         given = [k for k in vars(args) if k in FIELD_TYPES or k == "config"]
@@ -90,36 +101,54 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
         config_file = args.resume / "config.toml"
         if not config_file.is_file():
             parser.error(f"--resume {args.resume}: no config.toml there (not a run folder?)")
-        return Config.from_toml(config_file), args.resume, True
+        return Config.from_toml(config_file), args.resume
     config = Config.from_toml(args.config, **settings) if "config" in args \
         else Config.from_dict(settings, source="the command line")
+    return config, None
+
+
+def create_run_dir(config: Config) -> Path:
+    """A new run folder for ``config``, holding its config.toml."""
     run_dir = new_run_dir(config)
     atomic_write(run_dir / "config.toml", config.to_toml())
-    return config, run_dir, False
+    return run_dir
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run from the command line; return the summary (per algorithm, final ID and OOD accuracy)."""
+    """Run from the command line; return the summary (per algorithm, final ID and OOD accuracy;
+    empty on the ranks other than 0 of a distributed run)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config, run_dir, resume = resolve(args, parser)
+        config, run_dir = resolve(args, parser)
     except ConfigError as err:
         parser.error(str(err))
-    print(f"run folder: {run_dir}", flush=True)
-    start = time.perf_counter()
     try:
-        rows = run_experiment(config, run_dir, resume=resume, progress="quiet" not in args)
-    except OSError as err:  # e.g. a dataset that is not on this machine
+        with distributed_session(config.torch_device(),
+                                 getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)) as comm:
+            resume = run_dir is not None
+            if not resume:  # rank 0 makes the folder and tells the others
+                run_dir = comm.broadcast_object(create_run_dir(config) if comm.is_main else None)
+            if comm.is_main:
+                print(f"run folder: {run_dir}", flush=True)
+            start = time.perf_counter()
+            try:
+                rows = run_experiment(config, run_dir, resume=resume,
+                                      progress="quiet" not in args, comm=comm)
+            except OSError as err:  # e.g. a dataset that is not on this machine
+                parser.exit(1, f"error: {err}\n")
+            if not comm.is_main:
+                return {}
+            summary = summarize(rows)
+            write_results(run_dir, summary, config=config.to_dict(), resumed=resume,
+                          wall_time_s=time.perf_counter() - start,
+                          torch=torch.__version__, device=str(config.torch_device()),
+                          threads=torch.get_num_threads(), world_size=comm.world_size)
+            plot_accuracy(run_dir, rows)
+            print(format_table(summary))
+            return summary
+    except DistributedAggregationError as err:  # a rank died or stalled
         parser.exit(1, f"error: {err}\n")
-    summary = summarize(rows)
-    write_results(run_dir, summary, config=config.to_dict(), resumed=resume,
-                  wall_time_s=time.perf_counter() - start,
-                  torch=torch.__version__, device=str(config.torch_device()),
-                  threads=torch.get_num_threads())
-    plot_accuracy(run_dir, rows)
-    print(format_table(summary))
-    return summary
 
 
 if __name__ == "__main__":

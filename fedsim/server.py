@@ -5,9 +5,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from gma_kernels import FlatParams, GMAStats, ServerOptimizer
+from gma_kernels import Accumulator, FlatParams, GMAStats, ServerOptimizer
 
 from .config import Config
+from .distributed import Collective
 
 
 class Server:
@@ -15,11 +16,13 @@ class Server:
     buffer), and a ``ServerOptimizer`` on that buffer. ``masked=False`` aggregates with
     ``τ = 0``: exactly weighted FedAvg through the same kernel. ``optimizer`` names the server
     optimizer kind (default: the configured one); its learning rate is
-    ``config.server_lr_for(kind)``."""
+    ``config.server_lr_for(kind)``. ``comm``: the ranks that share the clients (default: one
+    process); every rank holds a replica of the server and steps it identically."""
 
     def __init__(self, model: nn.Module, config: Config, *, masked: bool,
-                 optimizer: str | None = None) -> None:
+                 optimizer: str | None = None, comm: Collective | None = None) -> None:
         self.model = model
+        self.comm = comm or Collective()
         self.flat = FlatParams(model)
         kind = optimizer or config.server_optimizer
         self.optimizer = ServerOptimizer(
@@ -36,8 +39,23 @@ class Server:
         return self.flat.buffer
 
     def step(self, updates: Sequence[Tensor], weights: Sequence[float]) -> GMAStats:
-        """Aggregate the clients' flat updates (read where they lie) and step ``w`` in place."""
-        return self.optimizer.step(updates, weights)
+        """Aggregate the clients' flat updates (read where they lie) and step ``w`` in place.
+
+        One process: the batch kernel over ``updates``. Across ranks, ``updates`` are this
+        rank's clients': folded into an ``Accumulator``, summed over the ranks (one all-reduce)
+        and stepped with ``step_accumulated``, the same step on every rank (equal to the batch
+        path's to float32 summation order, with the identical unweighted mask)."""
+        if not self.comm.distributed:
+            return self.optimizer.step(updates, weights)
+        return self.optimizer.step_accumulated(
+            self.comm.accumulate(self.new_accumulator(), updates, weights))
+
+    def new_accumulator(self) -> Accumulator:
+        """An empty accumulator matching the server optimizer's mask and policies."""
+        opt = self.optimizer
+        return Accumulator(self.params.numel(), device=self.params.device,
+                           weighted_agreement=opt.mask_config.weighted_agreement,
+                           backend=opt.backend, nonfinite=opt.nonfinite)
 
     def state_dict(self) -> dict:
         return {"params": self.params.clone(), "optimizer": self.optimizer.state_dict()}

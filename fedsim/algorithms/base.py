@@ -1,18 +1,27 @@
 """The client-algorithm interface: what a client does in a round, what it uploads, and how the
 server folds the uploads in.
 
-A round, as the loop drives it (``fedsim.loop.play_round``)::
+A round, as the loop drives it (``fedsim.loop.play_round``), on every rank::
 
+    contexts = this rank's share of the sampled clients (all of them in one process)
     algorithm.pre_round(server, contexts)          # optional extra exchange (FedGA)
     results = [algorithm.local_train(ctx) for ctx in contexts]   # trainer reset to w before each
     stats = algorithm.aggregate(server, results)   # one ServerOptimizer step (or more)
+
+Across ranks (``fedsim.distributed``) every rank runs the round on its share and must end it
+with the same server state: ``server.step`` already combines the ranks' updates, and an
+algorithm that needs more from the other ranks' clients uses ``server.comm`` (``all_reduce_``
+for a sum over clients, ``gather`` for per-client values in the sampled order). In one process
+these are the identity, so an algorithm written this way runs unchanged in both.
 
 ``setup(server)`` runs once, after the server exists and before any round or
 ``load_state_dict``: algorithms that keep server-side tensors (SCAFFOLD's ``c``) allocate them
 there, sized by the server's flat layout.
 
 Per-client state that persists across rounds (SCAFFOLD's control variates) lives in
-``client_state[client_id]`` and is saved with ``state_dict()``; a subclass with server-side state
+``client_state[client_id]`` and is saved with ``state_dict()``. Any rank may train a client
+in a later round, so every rank keeps every client's state: update it in ``aggregate`` from
+what ``server.comm.gather`` returns, not in ``local_train``. A subclass with server-side state
 extends ``state_dict``/``load_state_dict``. Extra uploaded tensors go in ``ClientResult.extras``.
 
 Every algorithm has a GMA twin, ``<name>+gma`` (``masked_variant``): same clients, same uploads,
@@ -40,7 +49,8 @@ if TYPE_CHECKING:
 @dataclass
 class ClientContext:
     """One sampled client in one round: its data (on the device), the global parameters ``w``
-    (the server's flat buffer, read only) and the shared trainer and shuffling generator."""
+    (the server's flat buffer, read only), the shared trainer, and the client's own shuffling
+    generator for this round (``fedsim.client.client_generator``)."""
 
     client_id: int
     x: Tensor

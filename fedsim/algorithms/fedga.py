@@ -8,6 +8,9 @@ size, ``ḡ = Σ p̄_k g_k``, and sends ``ḡ`` back. Client ``k`` then starts i
 ``w ← w + η_g Σ p̄_k (y_k − w)`` with the same data-size weights as ``ḡ``, so the shifts
 ``Σ p̄_k (ḡ − g_k) = 0`` cancel in the aggregate. Communication: two exchanges of ``N`` floats
 each way per client (``2×`` FedAvg).
+
+Across ranks (``fedsim.distributed``) each rank computes the gradients of its share of the
+clients and one all-reduce of ``Σ p_k g_k`` (N floats) and of ``Σ p_k`` gives every rank ``ḡ``.
 """
 from __future__ import annotations
 
@@ -38,10 +41,12 @@ class FedGA(Algorithm):
             ctx.trainer.reset(ctx.global_params)
             grads.append(ctx.trainer.full_gradient(ctx.x, ctx.y))
         weights = [float(ctx.num_examples) for ctx in contexts]
-        mean = torch.zeros_like(grads[0])
+        mean = torch.zeros_like(server.params)
         for g, p in zip(grads, weights):
             mean.add_(g, alpha=p)
-        mean.div_(sum(weights))
+        total = torch.tensor(sum(weights), dtype=torch.float64, device=mean.device)
+        server.comm.all_reduce_(mean)  # Σ p_k g_k and Σ p_k over every rank's clients
+        mean.div_(float(server.comm.all_reduce_(total)))
         self._shift = {ctx.client_id: g.neg_().add_(mean) for ctx, g in zip(contexts, grads)}
 
     def local_train(self, ctx: ClientContext) -> ClientResult:

@@ -14,13 +14,14 @@ the workshop's threshold ``p = fedgma_v1_p`` (default 0.8; the paper's formula
 (default: the local lr). Clients upload ``2N`` floats.
 
 ``fedgma-v1+gma`` also masks the parameter average, with the journal GMA (``gma_*`` settings).
-The round's reported mask statistics are those of the gradient mask.
+The round's reported mask statistics are those of the gradient mask. Across ranks
+(``fedsim.distributed``) both steps go through all-reduced accumulators.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gma_kernels import GMAStats, masked_mean
+from gma_kernels import GMAStats
 
 from .base import Algorithm, ClientContext, ClientResult
 
@@ -39,8 +40,9 @@ class FedGMAv1(Algorithm):
     def aggregate(self, server: Server, results: list[ClientResult]) -> GMAStats:
         weights = [r.weight for r in results]
         server.step([r.update for r in results], weights)
-        masked, stats = masked_mean([r.extras["grad"] for r in results], weights,
-                                    tau=self.config.fedgma_v1_p, mask="hard", return_stats=True)
+        masked, stats = server.comm.masked_mean([r.extras["grad"] for r in results], weights,
+                                                server.params, tau=self.config.fedgma_v1_p,
+                                                mask="hard")
         lr = self.config.fedgma_v1_server_lr
         lr = self.config.lr if lr is None else lr
         server.params.sub_(masked, alpha=lr)

@@ -9,6 +9,13 @@ hook), then sets ``c_k⁺ = c_k − c + (w − y) / (K_s η_l)`` and uploads ``�
 ``c ← c + (|S| / N) mean(Δc)`` (a plain mean, never masked), so ``c`` stays the mean of all
 ``N`` clients' ``c_k``.
 
+Across ranks (``fedsim.distributed``) every rank keeps every client's ``c_k``, since a client
+trained on one rank this round may be trained on another later: after local training the ranks
+all-gather the new ``c_k⁺`` of the round's clients (``|S|`` rows of the corrected size; the
+same volume as the clients' ``Δc`` uploads), and every rank computes ``Δc = c_k⁺ − c_k`` and
+the sum over the clients in the sampled order from its own copies. So ``c`` and every ``c_k``
+are bit-identical on all ranks, and to a one-process run given the same trained clients.
+
 ``FedPVR`` reuses all of this with the correction restricted to a tail of the flat buffer:
 ``correction_start`` is the first corrected index (0 here: every parameter).
 """
@@ -55,18 +62,29 @@ class Scaffold(Algorithm):
         c_new = drift.div_(steps * ctx.trainer.lr).sub_(c)  # c_k⁺ = c_k − c + (w − y)/(K_s η_l)
         if c_k is not None:
             c_new.add_(c_k)
-        delta_c = c_new if c_k is None else c_new - c_k
-        self.client_state[ctx.client_id] = {"c": c_new}
+        # c_k⁺ travels instead of Δc = c_k⁺ − c_k: aggregate forms Δc where c_k is kept
         return ClientResult(ctx.client_id, ctx.update(), self.client_weight(ctx), loss,
-                            {"delta_c": delta_c})
+                            {"c": c_new})
 
     def aggregate(self, server: Server, results: list[ClientResult]) -> GMAStats:
         stats = server.step([r.update for r in results], [r.weight for r in results])
-        total = torch.zeros_like(self.c)
-        for r in results:
-            total.add_(r.extras["delta_c"])
-        self.c.add_(total, alpha=1.0 / self.config.num_clients)  # (|S|/N) · mean(Δc)
+        comm = server.comm
+        ids = comm.gather([torch.tensor(r.client_id, device=self.c.device) for r in results],
+                          like=torch.zeros((), dtype=torch.int64, device=self.c.device))
+        new = comm.gather([r.extras["c"] for r in results], like=self.c)
+        self.c.add_(self.commit_control_variates([int(k) for k in ids], new),
+                    alpha=1.0 / self.config.num_clients)  # (|S|/N) · mean(Δc)
         return stats
+
+    def commit_control_variates(self, client_ids: list[int], new: list[Tensor]) -> Tensor:
+        """Store the round's new ``c_k⁺`` (every sampled client, in the sampled order) and
+        return ``Σ_k Δc_k``, ``Δc_k = c_k⁺ − c_k`` (``c_k⁺`` for a first-timer)."""
+        total = torch.zeros_like(self.c)
+        for k, c_new in zip(client_ids, new):
+            c_k = self.client_state.get(k, {}).get("c")
+            total.add_(c_new if c_k is None else c_new - c_k)
+            self.client_state[k] = {"c": c_new}
+        return total
 
     def communication(self, num_params: int) -> tuple[int, int]:
         """``w`` and ``c`` down, ``Δy`` and ``Δc`` up (``c`` covers the corrected part only)."""

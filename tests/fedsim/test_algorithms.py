@@ -120,8 +120,7 @@ def make(name, **settings):
 
 
 def play(algorithm, server, trainer, ids=(0, 1)):
-    return play_round(algorithm, server, trainer, [(k, *DATA[k]) for k in ids],
-                      torch.Generator().manual_seed(0))
+    return play_round(algorithm, server, trainer, [(k, *DATA[k]) for k in ids], seed=0, round_=1)
 
 
 def w0():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedsim.algorithms import ClientContext
-from fedsim.client import ClientTrainer
+from fedsim.client import ClientTrainer, client_generator
 from fedsim.config import Config
 from fedsim.loop import Simulation, load_data, run_experiment
 from fedsim.models import build_model
@@ -113,7 +113,7 @@ def test_client_context_update_is_trained_minus_global(tiny):
     config = Config(**tiny)
     sim = Simulation(config, load_data(config, 0), "fedavg", 0)
     x, y = sim.data.clients[0]
-    ctx = ClientContext(0, x, y, sim.server.params, sim.trainer, sim.generator)
+    ctx = ClientContext(0, x, y, sim.server.params, sim.trainer, client_generator(0, 1, 0))
     sim.trainer.reset(sim.server.params)
     result = sim.algorithm.local_train(ctx)
     assert result.weight == len(y) and result.client_id == 0

@@ -72,12 +72,13 @@ def layout(values: Tensor, dtype: torch.dtype, kind: str, device=DEVICE):
 
 
 def make(seed: int, k: int, n: int, dtype=torch.float32, kind: str = "matrix", *,
-         scale: float = 1.0, zeros: float = 0.05, weights: bool = True):
-    """Random updates in ``kind`` layout, their float64 values and raw weights (or None)."""
+         scale: float = 1.0, zeros: float = 0.05, weights: bool = True, device=DEVICE):
+    """Random updates in ``kind`` layout on ``device``, their float64 values and raw weights
+    (or None)."""
     g = gen(seed)
     values = random_values(g, k, n, scale=scale, zeros=zeros)
     w = random_weights(g, k) if weights else None
-    updates, exact = layout(values, dtype, kind)
+    updates, exact = layout(values, dtype, kind, device)
     return updates, exact, w
 
 

@@ -1,7 +1,8 @@
 """The torch backend's two CPU paths for phase 1 — the native C kernel (``_native``) and the
 PyTorch chunks — each against the float64 reference, and against each other (identical
-unweighted masks). The rest of the suite runs ``backend="torch"`` on CPU through the native
-kernel whenever it is built; here the chunk path is forced as well."""
+unweighted masks), on CPU tensors whatever the machine. Without a GPU the rest of the suite
+runs ``backend="torch"`` through the native kernel whenever it is built; here the chunk path is
+forced as well."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,7 @@ def many_threads(monkeypatch):
 def test_masked_mean_and_agreement(path, dtype, kind, k, n, mask, weighted, many_threads):
     if k == 1 and kind == "rowslice":
         kind = "list"  # one row of a wider tensor is contiguous: nothing to slice
-    updates, exact, w = make(k * 1000 + n, k, n, dtype, kind)
+    updates, exact, w = make(k * 1000 + n, k, n, dtype, kind, device="cpu")
     g, stats = gk.masked_mean(updates, w, tau=0.5, mask=mask, weighted_agreement=weighted,
                               backend="torch", return_stats=True)
     expected = ref.masked_mean(exact, w, tau=0.5, mask=mask, weighted_agreement=weighted)
@@ -67,7 +68,7 @@ def test_masked_mean_and_agreement(path, dtype, kind, k, n, mask, weighted, many
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 4, 7, 64])
 def test_native_mask_identical_to_chunks(dtype, k, many_threads, monkeypatch):
-    updates, _, w = make(k, k, 3001, dtype, "list")
+    updates, _, w = make(k, k, 3001, dtype, "list", device="cpu")
     native = gk.agreement(updates, w, backend="torch")
     monkeypatch.setattr(_native, "ENABLED", False)
     chunks = gk.agreement(updates, w, backend="torch")
@@ -78,7 +79,7 @@ def test_native_mask_identical_to_chunks(dtype, k, many_threads, monkeypatch):
 @pytest.mark.parametrize("placement", ["before", "after"])
 def test_native_server_step(placement, many_threads):
     """Adam with the mask after the step: ``g`` unmasked and ``m`` apart (the split outputs)."""
-    updates, exact, w = make(5, 6, 2053, torch.float32, "list")
+    updates, exact, w = make(5, 6, 2053, torch.float32, "list", device="cpu")
     params = torch.randn(2053, dtype=torch.float64)
     flat = params.float()
     opt = gk.ServerOptimizer(flat, "adam", lr=0.1, tau=0.5, mask_placement=placement,
@@ -92,7 +93,7 @@ def test_native_server_step(placement, many_threads):
 
 @needs_native
 def test_native_overwrites_poisoned_outputs(many_threads):
-    updates, exact, w = make(11, 5, 777, torch.bfloat16, "matrix")
+    updates, exact, w = make(11, 5, 777, torch.bfloat16, "matrix", device="cpu")
     batch, _ = make_batch(updates, w)
     g = torch.full((777,), float("nan"))
     a = torch.full((777,), float("nan"))
@@ -109,7 +110,7 @@ def test_native_overwrites_poisoned_outputs(many_threads):
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threads):
-    updates, _, w = make(3, 4, 5000, torch.float32, "list")
+    updates, _, w = make(3, 4, 5000, torch.float32, "list", device="cpu")
     updates[2][4990] = bad  # in the last thread's range
     params = torch.randn(5000)
     before = params.clone()
@@ -121,7 +122,7 @@ def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threa
 
 
 def test_float16_takes_the_chunk_path():
-    updates, _, w = make(1, 3, 100, torch.float16, "matrix")
+    updates, _, w = make(1, 3, 100, torch.float16, "matrix", device="cpu")
     assert not _native.supports(make_batch(updates, w)[0])
 
 
@@ -130,7 +131,7 @@ def test_float16_takes_the_chunk_path():
 @pytest.mark.parametrize("weighted", [False, True])
 def test_streaming_fold(path, dtype, weighted, many_threads):
     """Folding a stream in three uneven parts gives the batch reference's sums."""
-    updates, exact, w = make(21, 9, 3001, dtype, "list")
+    updates, exact, w = make(21, 9, 3001, dtype, "list", device="cpu")
     acc = gk.Accumulator(3001, weighted_agreement=weighted, backend="torch")
     acc.add(updates[0], w[0])
     acc.add(updates[1:5], w[1:5])
