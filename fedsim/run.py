@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -148,7 +150,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(format_table(summary))
             return summary
     except DistributedAggregationError as err:  # a rank died or stalled
-        parser.exit(1, f"error: {err}\n")
+        # the failed collective leaves the process group's threads in a state that can abort
+        # the interpreter's teardown (SIGABRT instead of status 1): report and leave at once;
+        # checkpoints are written atomically, so nothing is left half-written
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
