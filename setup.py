@@ -1,6 +1,9 @@
 """Builds the optional native CPU kernel (plain C, loaded with ctypes). If no C compiler is at
-hand the build is skipped and gma_kernels uses its pure-PyTorch CPU path instead."""
+hand the build is skipped and gma_kernels uses its pure-PyTorch CPU path instead.
+``-ffp-contract=off``: no fused multiply-adds, so every instruction-set clone (AVX-512, AVX2,
+baseline) rounds the same way and results do not depend on the machine."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("gma_kernels._gma_cpu", ["gma_kernels/csrc/gma_cpu.c"],
-                             extra_compile_args=["-O3", "-std=c11"], optional=True)])
+                             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off"],
+                             optional=True)])

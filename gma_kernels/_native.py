@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .batch import ClientBatch
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ENABLED = os.environ.get("GMA_KERNELS_NATIVE", "1") != "0"
 MIN_COLUMNS_PER_THREAD = 1 << 16   # below this one thread: the split costs more than it saves
 _ALIGN = 64                        # thread ranges start on a cache line of float32 outputs
@@ -51,7 +51,7 @@ def available() -> bool:
 
 
 def supports(batch: ClientBatch) -> bool:
-    """The native kernel reads float32 and bfloat16 rows on CPU (float16 takes the torch path)."""
+    """The native kernel reads float32, bfloat16 and float16 rows on CPU."""
     return ENABLED and batch.device.type == "cpu" and batch.dtype in DTYPE_CODES and available()
 
 

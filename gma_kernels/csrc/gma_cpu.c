@@ -8,7 +8,7 @@
  * and writes g_j = m_j · S_j (or S_j and m_j apart when the mask is applied after the server
  * step), optionally A_j, and the sums of m, of A and the count of non-finite S_j.
  *
- * Rows are float32 or bfloat16 (converted exactly to float32 on load), each row a pointer of
+ * Rows are float32, bfloat16 or float16 (converted exactly to float32 on load), each a pointer of
  * its own, so a list of tensors is read where it lies. Plain C, no Python headers: the package
  * loads it with ctypes (gma_kernels/_native.py), which releases the GIL during the call so
  * several threads can each take a range of columns.
@@ -30,11 +30,34 @@
 
 static inline float load_f32(const void *row, int64_t j) { return ((const float *)row)[j]; }
 
-static inline float load_bf16(const void *row, int64_t j) {
-    uint32_t bits = (uint32_t)((const uint16_t *)row)[j] << 16;
+static inline float as_float(uint32_t bits) {
     float x;
     memcpy(&x, &bits, sizeof x);
     return x;
+}
+
+static inline uint32_t as_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits;
+}
+
+static inline float load_bf16(const void *row, int64_t j) {
+    return as_float((uint32_t)((const uint16_t *)row)[j] << 16);
+}
+
+/* IEEE half to float, exact and branch-free (so it vectorizes), without float arithmetic on
+ * subnormal inputs (a DAZ/FTZ mode set by another library cannot flush them): normals rebias
+ * the exponent (15 -> 127), infinities and NaNs get the all-ones exponent and keep their
+ * mantissa, subnormals are m · 2^-24 computed from the exact integer m. */
+static inline float load_f16(const void *row, int64_t j) {
+    uint32_t h = ((const uint16_t *)row)[j];
+    uint32_t em = h & 0x7fffu;
+    uint32_t special = -(uint32_t)(em >= 0x7c00u) & (112u << 23);
+    uint32_t normal = (em << 13) + (112u << 23) + special;
+    uint32_t subnormal = -(uint32_t)(em < 0x400u);
+    uint32_t tiny = as_bits((float)(int32_t)em * 0x1p-24f);
+    return as_float((tiny & subnormal) | (normal & ~subnormal) | ((h & 0x8000u) << 16));
 }
 
 static inline int sign_int(float x) { return (x > 0.0f) - (x < 0.0f); }
@@ -90,6 +113,7 @@ static inline float sign_float(float x) {
 
 DEFINE_FOLD(fold_f32, load_f32)
 DEFINE_FOLD(fold_bf16, load_bf16)
+DEFINE_FOLD(fold_f16, load_f16)
 
 MULTIVERSION
 static void finish_tile(const float *restrict total, float *restrict fcount,
@@ -129,6 +153,8 @@ static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, in
             fold_f32(rows, k, r, start, len, w, a, total, fcount, icount);
         else if (dtype == 1)
             fold_bf16(rows, k, r, start, len, w, a, total, fcount, icount);
+        else if (dtype == 2)
+            fold_f16(rows, k, r, start, len, w, a, total, fcount, icount);
         else
             return -1;
         k += r;
@@ -136,7 +162,7 @@ static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, in
     return 0;
 }
 
-/* dtype: 0 = float32, 1 = bfloat16. rows[k] points at element 0 of client k's update.
+/* dtype: 0 = float32, 1 = bfloat16, 2 = float16. rows[k] points at element 0 of client k's update.
  * agree_w is NULL for the unweighted (exact count) agreement. a_out and m_out may be NULL; with
  * m_out, g receives the unmasked mean S and m_out the mask. sums[0..2] are accumulated into:
  * Σ m, Σ A, the number of non-finite S_j. Returns 0, or -1 for an unknown dtype. */

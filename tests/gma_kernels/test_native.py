@@ -14,7 +14,7 @@ from gma_kernels import _native
 from gma_kernels.batch import make_batch
 
 import reference as ref
-from gk_util import assert_close, data_scale, make
+from gk_util import PARAM_DTYPES, assert_close, data_scale, make
 
 needs_native = pytest.mark.skipif(not _native.available(),
                                   reason="native CPU kernel not built (no C compiler at install)")
@@ -40,7 +40,7 @@ def many_threads(monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@PARAM_DTYPES
 @pytest.mark.parametrize("kind", ["matrix", "list", "rowslice"])
 @pytest.mark.parametrize("k,n", [(1, 2), (3, 513), (4, 1000), (9, 4099), (19, 70001)])
 @pytest.mark.parametrize("mask,weighted", [("soft", False), ("hard", False), ("soft", True)])
@@ -65,7 +65,7 @@ def test_masked_mean_and_agreement(path, dtype, kind, k, n, mask, weighted, many
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@PARAM_DTYPES
 @pytest.mark.parametrize("k", [1, 4, 7, 64])
 def test_native_mask_identical_to_chunks(dtype, k, many_threads, monkeypatch):
     updates, _, w = make(k, k, 3001, dtype, "list", device="cpu")
@@ -121,13 +121,24 @@ def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threa
     assert torch.isfinite(params).all() and not torch.equal(params, before)
 
 
-def test_float16_takes_the_chunk_path():
-    updates, _, w = make(1, 3, 100, torch.float16, "matrix", device="cpu")
-    assert not _native.supports(make_batch(updates, w)[0])
+@needs_native
+def test_every_float16_bit_pattern_loads_exactly():
+    """All 65536 halves (subnormals, ±0, infinities, NaNs) through the kernel with K = 1,
+    weight 1, τ = 0: g is each value as float32, and the non-finite ones are counted."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    batch, _ = make_batch(x[None], None)
+    g = torch.full((x.numel(),), 123.0)
+    sums = _native.aggregate(batch, None, 0.0, 1.0, False, g, None, None)
+    expected = x.float()
+    finite = torch.isfinite(expected)
+    assert torch.equal(g[finite], expected[finite])
+    assert torch.equal(torch.isnan(g), torch.isnan(expected))
+    assert torch.equal(torch.isinf(g) & (g > 0), torch.isinf(expected) & (expected > 0))
+    assert sums[2] == int((~finite).sum())
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@PARAM_DTYPES
 @pytest.mark.parametrize("weighted", [False, True])
 def test_streaming_fold(path, dtype, weighted, many_threads):
     """Folding a stream in three uneven parts gives the batch reference's sums."""
