@@ -56,8 +56,9 @@ def supports(batch: ClientBatch) -> bool:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="gma-cpu")
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per process: a forked child inherits its parent's pool without its threads."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=f"gma-cpu-{pid}")
 
 
 def _row_pointers(batch: ClientBatch) -> np.ndarray:
@@ -86,7 +87,10 @@ def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
         own = () if sums is None else (sums[i].ctypes.data,)
         return fn(*head, bounds[i], bounds[i + 1], *tail, *rest, *own)
 
-    codes = [work(0)] if threads == 1 else list(_pool(threads).map(work, range(threads)))
+    if threads == 1:
+        codes = [work(0)]
+    else:
+        codes = list(_pool(threads, os.getpid()).map(work, range(threads)))
     if any(codes):
         raise RuntimeError(f"native CPU kernel failed (codes {codes})")
 

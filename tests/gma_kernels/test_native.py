@@ -5,6 +5,11 @@ runs ``backend="torch"`` through the native kernel whenever it is built; here th
 forced as well."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +160,39 @@ def test_streaming_fold(path, dtype, weighted, many_threads):
     if not weighted:  # an exact integer count
         assert torch.equal(acc.count.double(), expected_count)
     assert acc.num_clients == 9 and acc.weight_sum == pytest.approx(float(p.sum()))
+
+
+@needs_native
+def test_a_forked_child_aggregates(many_threads):
+    """The parent's thread pool does not survive a fork (its threads stay behind): the child
+    must make its own instead of waiting forever on the inherited one."""
+    updates, _, w = make(4, 5, 300_000, torch.float32, "matrix", device="cpu")
+    batch, _ = make_batch(updates, w)
+    g = torch.empty(300_000)
+    _native.aggregate(batch, None, 3.0, 0.2, False, g, None, None)
+    # every worker of the parent's pool started and idle: a child that inherited the pool
+    # would queue its work for threads that do not exist in it
+    barrier = threading.Barrier(3)
+    list(_native._pool(3, os.getpid()).map(lambda _: barrier.wait(5), range(3)))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only the native kernel (torch's OpenMP pool is not fork-safe)
+        code = 1
+        try:
+            g.numpy()[:] = np.nan  # poisoned (NumPy, not a torch op)
+            _native.aggregate(batch, None, 3.0, 0.2, False, g, None, None)
+            os.write(write_end, repr(float(g.numpy().astype(np.float64).sum())).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in the native kernel's thread pool")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    with os.fdopen(read_end) as pipe:
+        assert float(pipe.read()) == pytest.approx(float(g.double().sum()), rel=1e-9)
