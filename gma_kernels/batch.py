@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,34 +66,49 @@ class ClientBatch:
 
 def _normalize(raw: Sequence[float]) -> tuple[float, ...]:
     total = math.fsum(raw)
-    return tuple(p / total for p in raw)
+    return tuple((np.asarray(raw, dtype=np.float64) / total).tolist())
 
 
 def check_weights(weights: Weights, num_clients: int, *, allow_zero_sum: bool = False
                   ) -> tuple[float, ...]:
     """Weights as host floats: K finite, non-negative numbers with a positive sum (a zero sum is
-    allowed for a streaming fold, whose total is checked when it is finalized)."""
+    allowed for a streaming fold, whose total is checked when it is finalized). Checked as one
+    NumPy array, so that hundreds of clients cost no per-client Python work."""
     if weights is None:
         return (1.0,) * num_clients
     if isinstance(weights, Tensor):
         if weights.dim() != 1:
             raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
-        raw = tuple(float(p) for p in weights.detach().double().cpu().tolist())
+        values = weights.detach().to("cpu", torch.float64).numpy()
     else:
-        try:
-            raw = tuple(float(p) for p in weights)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"weights must be a sequence of numbers or a 1-D tensor: {err}") from None
-    if len(raw) != num_clients:
-        raise ValueError(f"weights has {len(raw)} entries but there are {num_clients} updates")
-    for k, p in enumerate(raw):
-        if not math.isfinite(p):
-            raise ValueError(f"weights[{k}] is not finite ({p})")
-        if p < 0:
-            raise ValueError(f"weights[{k}] is negative ({p})")
+        values = _as_float64(weights)
+    if len(values) != num_clients:
+        raise ValueError(f"weights has {len(values)} entries but there are {num_clients} updates")
+    for bad, what in ((~np.isfinite(values), "is not finite"), (values < 0, "is negative")):
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise ValueError(f"weights[{k}] {what} ({values[k]})")
+    raw = tuple(values.tolist())
     if math.fsum(raw) <= 0 and not allow_zero_sum:
         raise ValueError("weights sum to zero: at least one client needs a positive weight")
     return raw
+
+
+def _as_float64(weights: Sequence[float]) -> np.ndarray:
+    """A sequence of numbers as a 1-D float64 array (element by element where NumPy cannot
+    convert it at once, e.g. 0-d CUDA tensors)."""
+    try:
+        values = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        try:
+            values = np.array([float(p) for p in weights], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"weights must be a sequence of numbers or a 1-D tensor: {err}"
+                            ) from None
+    if values.ndim != 1:
+        raise TypeError(f"weights must be a sequence of numbers or a 1-D tensor, got "
+                        f"{type(weights).__name__} of shape {values.shape}")
+    return values
 
 
 def check_updates(updates: Updates) -> tuple[Tensor | None, tuple[Tensor, ...] | None]:
