@@ -90,14 +90,17 @@ def gma_step_contender(backend: str, nonfinite: str = "raise", layout: str = "ma
         updates = case.updates if layout == "matrix" else list(case.updates.unbind(0))
         weights = case.weights
 
-        def fn():
-            saved, _native.ENABLED = _native.ENABLED, native and _native.ENABLED
+        def step():
+            gk.gma_step(params, updates, weights, lr=case.lr, tau=case.tau, backend=backend,
+                        nonfinite=nonfinite)
+
+        def without_native():
+            saved, _native.ENABLED = _native.ENABLED, False
             try:
-                gk.gma_step(params, updates, weights, lr=case.lr, tau=case.tau, backend=backend,
-                            nonfinite=nonfinite)
+                step()
             finally:
                 _native.ENABLED = saved
-        return Prepared(fn, lambda: params)
+        return Prepared(step if native else without_native, lambda: params)
     return build
 
 

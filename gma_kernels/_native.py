@@ -69,10 +69,10 @@ def _row_pointers(batch: ClientBatch) -> np.ndarray:
 
 
 def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
-                  agree_weights: tuple[float, ...] | None, *rest,
-                  sums: np.ndarray | None = None) -> None:
+                  agree_weights: tuple[float, ...] | None, *rest, sums: int = 0) -> np.ndarray:
     """Call ``fn(rows, dtype, K, lo, hi, w, a, *rest)`` on contiguous column ranges, one per
-    thread; with ``sums`` (one row per thread), thread ``i`` also gets ``sums[i]``."""
+    thread. With ``sums > 0`` each thread also gets a zeroed float64 array of that many sums
+    to add into, and the totals over the threads are returned."""
     n = batch.numel
     pointers = _row_pointers(batch)
     w = np.array(weights, dtype=np.float32)
@@ -82,9 +82,10 @@ def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
     bounds.append(n)
     head = (pointers.ctypes.data, DTYPE_CODES[batch.dtype], batch.num_clients)
     tail = (w.ctypes.data, None if a is None else a.ctypes.data)
+    partial = np.zeros((threads, sums), dtype=np.float64)
 
     def work(i: int) -> int:
-        own = () if sums is None else (sums[i].ctypes.data,)
+        own = (partial[i].ctypes.data,) if sums else ()
         return fn(*head, bounds[i], bounds[i + 1], *tail, *rest, *own)
 
     if threads == 1:
@@ -93,6 +94,7 @@ def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
         codes = list(_pool(threads, os.getpid()).map(work, range(threads)))
     if any(codes):
         raise RuntimeError(f"native CPU kernel failed (codes {codes})")
+    return partial.sum(0)
 
 
 def _address(t: Tensor | None) -> int | None:
@@ -104,12 +106,9 @@ def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, thres
               m_out: Tensor | None) -> np.ndarray:
     """Fill ``g`` (and ``a_out``, ``m_out``) for every column; return ``[Σ m, Σ A, #non-finite
     S_j]`` (float64). ``agree_weights`` None: the unweighted, exact sign count."""
-    threads = torch.get_num_threads()
-    sums = np.zeros((threads, 3), dtype=np.float64)
-    _over_columns(_library().gma_cpu_aggregate, batch, batch.mean_weights, agree_weights,
-                  float(threshold), float(scale), int(hard), g.data_ptr(), _address(a_out),
-                  _address(m_out), sums=sums)
-    return sums.sum(0)
+    return _over_columns(_library().gma_cpu_aggregate, batch, batch.mean_weights, agree_weights,
+                         float(threshold), float(scale), int(hard), g.data_ptr(),
+                         _address(a_out), _address(m_out), sums=3)
 
 
 def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:

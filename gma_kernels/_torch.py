@@ -149,6 +149,18 @@ def _aggregate_chunks(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[boo
     return finite, torch.stack((mask_sum, agreement_sum))[None]
 
 
+def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:
+    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)``
+    (``batch.mean_weights`` carry the raw weights ``p_k``; ``a_k = p_k`` when ``weighted``,
+    else 1): the native kernel on CPU when it is built, else one client at a time."""
+    if _native.supports(batch):
+        _native.fold(batch, total, count, weighted)
+        return
+    for row, p in zip(batch.rows, batch.mean_weights):
+        total.add_(row, alpha=p)
+        count.add_(torch.sign(row), alpha=p if weighted else 1.0)
+
+
 def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
                mask: Tensor | None = None) -> None:
     """One server step in place. ``x`` is ``g`` (placement "before") or the unmasked average,

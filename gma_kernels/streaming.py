@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _native, _torch
+from . import _torch
 from .batch import ClientBatch, Updates, Weights, make_batch
 from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, _check_choice
 from .engine import GMAStats, nonfinite_clients, resolve_backend
@@ -89,15 +89,7 @@ class Accumulator:
     def _fold(self, batch: ClientBatch) -> None:
         """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)``; ``batch.mean_weights`` are raw here."""
         impl = resolve_backend(self.backend, self.buffer.device)
-        if impl is _torch and _native.supports(batch):
-            _native.fold(batch, self.total, self.count, self.weighted_agreement)
-        elif impl is _torch:
-            for row, p in zip(batch.rows, batch.mean_weights):
-                self.total.add_(row, alpha=p)
-                sign = torch.sign(row)
-                self.count.add_(sign, alpha=p if self.weighted_agreement else 1.0)
-        else:
-            impl.fold(batch, self.total, self.count, self.weighted_agreement)
+        impl.fold(batch, self.total, self.count, self.weighted_agreement)
         self.buffer[-2:] += torch.tensor([math.fsum(batch.mean_weights), batch.num_clients],
                                          dtype=torch.float32, device=self.buffer.device)
 
