@@ -1,95 +1,402 @@
-"""Local SGD on one reusable client model, whose parameters and gradients are two flat buffers."""
+"""Local training of a cohort of clients: the round's clients as rows of one ``[C, N]`` matrix.
+
+A ``Cohort`` is up to ``cohort_size`` of a round's clients. Its parameters are one float32
+matrix ``P`` (row k: client k's flat parameters, every model tensor a ``[C, *shape]`` view) and
+its gradients another, ``G``. Two engines train it and give the same answer to float32
+rounding on the same batches:
+
+* ``CohortTrainer`` (``--engine cohort``): each local step is one batched forward of every
+  client's batch (``torch.func.functional_call`` under ``torch.func.vmap`` over ``[C, B, ...]``
+  inputs), one backward of ``Σ_k L_k`` (client k's mean loss on its batch), which leaves every
+  client's gradient in ``G``, and one in-place SGD step ``P ← P − η (G ⊙ a)`` with ``a_k = 1``
+  while client k still has steps to take, else 0;
+* ``SequentialTrainer`` (``--engine sequential``): the clients one after another on one
+  reusable model (row k copied in, trained, copied out).
+
+Batches: client k's examples are shuffled by its own ``client_generator(seed, round, k)``, one
+permutation per pass over its data, cut into batches of ``batch_size`` (the last one short);
+it takes ``local_steps`` batches, or ``local_epochs`` passes. A cohort pads every batch to
+``batch_size`` with per-example weights ``1/b`` (``b``: the batch's real size) and 0 for the
+padding, and pads the clients that have fewer steps with steps of weight 0 that do not move
+them (``a_k = 0``; proximal terms and control variates included).
+
+Memory of a cohort of C clients and N parameters: ``P`` and ``G`` (``2 C N`` floats), the
+step's gradients (``C N``) and the activations of ``C × batch_size`` examples
+(``estimate_client_bytes``); algorithms may add a few ``C N`` matrices (FedGA's gradients,
+SCAFFOLD's corrections).
+"""
 from __future__ import annotations
 
-import itertools
+import copy
 import math
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
-from gma_kernels import FlatParams
+from gma_kernels import FlatLayout, FlatParams
 
-GradHook = Callable[[Tensor], None]
+#: ``hook(grads, params, rows)``: may edit the gradients ``grads`` ([c, N], rows ``rows`` of
+#: the cohort, whose parameters are ``params``) before each local step
+GradHook = Callable[[Tensor, Tensor, slice], None]
+ENGINES: tuple[str, ...] = ("auto", "cohort", "sequential")
 
 
 def client_generator(seed: int, round_: int, client_id: int,
                      device: torch.device | str = "cpu") -> torch.Generator:
     """The generator that shuffles client ``client_id``'s batches in round ``round_`` of the run
     seeded ``seed``: a pure function of the three (``numpy.random.SeedSequence`` mixes them),
-    so a client's batches do not depend on which clients trained before it, or on which rank
-    trains it."""
+    so a client's batches do not depend on which clients trained before it, on which rank
+    trains it, or on the engine."""
     state = np.random.SeedSequence([seed, round_, client_id]).generate_state(1, dtype=np.uint64)
     return torch.Generator(device).manual_seed(int(state[0]))
 
 
-class ClientTrainer:
-    """Trains every client in turn on the same model: ``reset`` loads the global flat buffer,
-    ``train`` runs local SGD. Each step is one forward, one backward and one fused update of the
-    whole flat buffer (``params -= lr · grad``), with no per-parameter Python loop."""
+class ClientData:
+    """Every client's examples in one pair of tensors, so that a cohort's batch is one gather:
+    ``x`` (``[n, ...]``) and ``y`` (``[n]``), client k holding rows ``offsets[k]:offsets[k+1]``.
+    Clients that are already consecutive views of one tensor (``load_data`` makes them so) are
+    used in place; otherwise they are concatenated once."""
 
-    def __init__(self, model: nn.Module, *, lr: float, batch_size: int, local_epochs: int,
-                 local_steps: int | None = None, weight_decay: float = 0.0) -> None:
+    def __init__(self, clients: Sequence[tuple[Tensor, Tensor]]) -> None:
+        if not clients:
+            raise ValueError("no clients")
+        self.sizes = [len(y) for _, y in clients]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.x = _joined([x for x, _ in clients])
+        self.y = _joined([y for _, y in clients])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, k: int) -> tuple[Tensor, Tensor]:
+        a, b = self.offsets[k], self.offsets[k + 1]
+        return self.x[a:b], self.y[a:b]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+def _joined(parts: Sequence[Tensor]) -> Tensor:
+    """The parts as one tensor: a view of their storage when they lie in it one after another
+    (contiguous), else their concatenation."""
+    first, position = parts[0], parts[0].storage_offset()
+    for p in parts:
+        if not p.is_contiguous() or p.storage_offset() != position \
+                or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return torch.cat(list(parts))
+        position += p.numel()
+    shape = (sum(len(p) for p in parts), *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
+
+
+def local_steps_of(size: int, batch_size: int, local_epochs: int, local_steps: int | None) -> int:
+    """Local SGD steps of a client of ``size`` examples: ``local_steps``, else ``local_epochs``
+    passes of ``⌈size / batch_size⌉`` batches."""
+    return local_steps or local_epochs * math.ceil(size / batch_size)
+
+
+@dataclass
+class Plan:
+    """A cohort's batches, step by step: ``index[s, k, i]`` is the position (in
+    ``ClientData``) of example i of client k's batch at step s, ``weight[s, k, i]`` its weight
+    in the client's mean loss (``1/b``, 0 for padding), ``active[s, k]`` whether client k takes
+    step s; ``steps[k]`` its number of steps."""
+
+    index: Tensor
+    weight: Tensor
+    active: Tensor
+    steps: list[int]
+    counts: list[list[int]] = field(repr=False)  # real batch sizes [S][C] (host)
+
+
+def shuffled_plan(data: ClientData, ids: Sequence[int], generators: Sequence[torch.Generator],
+                  batch_size: int, steps: Sequence[int]) -> Plan:
+    """Client ``ids[k]`` takes ``steps[k]`` batches of its examples, one permutation drawn from
+    ``generators[k]`` per pass (as many passes as the steps need), each pass cut into batches of
+    ``batch_size`` with a short last one."""
+    rows = []
+    for k, gen, count in zip(ids, generators, steps):
+        n = data.sizes[k]
+        per_pass = math.ceil(n / batch_size)
+        passes = math.ceil(count / per_pass)
+        block = torch.full((passes, per_pass * batch_size), -1, dtype=torch.int64, device=data.device)
+        for p in range(passes):
+            block[p, :n] = torch.randperm(n, generator=gen, device=gen.device)
+        rows.append(block.view(-1, batch_size)[:count])
+    return _plan(data, ids, rows, steps)
+
+
+def full_pass_plan(data: ClientData, ids: Sequence[int], chunk: int) -> Plan:
+    """Every example of every client once, in order, in chunks of ``chunk``, each example
+    weighted ``1/n_k``: the weighted sum is client k's mean loss over all its data."""
+    rows, steps = [], []
+    for k in ids:
+        n = data.sizes[k]
+        count = math.ceil(n / chunk)
+        block = torch.full((count * chunk,), -1, dtype=torch.int64, device=data.device)
+        block[:n] = torch.arange(n, device=data.device)
+        rows.append(block.view(count, chunk))
+        steps.append(count)
+    return _plan(data, ids, rows, steps, over_client=True)
+
+
+def _plan(data: ClientData, ids: Sequence[int], rows: list[Tensor], steps: Sequence[int], *,
+          over_client: bool = False) -> Plan:
+    """Stack per-client ``[steps_k, B]`` local positions (-1: padding) into a ``Plan``; each
+    example weighs ``1/b`` (its batch's mean) or, ``over_client``, ``1/n_k`` (the client's)."""
+    width = rows[0].shape[1]
+    index = torch.full((max(steps), len(ids), width), -1, dtype=torch.int64, device=data.device)
+    for j, (k, block) in enumerate(zip(ids, rows)):
+        index[: len(block), j] = torch.where(block >= 0, block + data.offsets[k], -1)
+    valid = index >= 0
+    count = valid.sum(-1)
+    width = max(1, int(count.max()))  # no step is wider than its widest real batch
+    index, valid = index[..., :width], valid[..., :width]
+    if over_client:
+        sizes = torch.tensor([data.sizes[k] for k in ids], device=data.device)
+        weight = valid / sizes[:, None]
+    else:
+        weight = valid / count.clamp(min=1)[..., None]
+    return Plan(index.clamp_(min=0), weight.float(), count > 0, list(steps), count.tolist())
+
+
+@dataclass
+class Cohort:
+    """Clients ``ids`` of one round trained together from the global parameters
+    ``global_params`` (``w``, read only): ``params`` (``[C, N]``, row k client ``ids[k]``)
+    starts at ``w``; after local training ``grads`` holds each client's last step's gradient
+    (hooks included) and ``steps[k]`` the steps it took. ``generators[k]`` shuffles client
+    ``ids[k]``'s batches."""
+
+    ids: list[int]
+    sizes: list[int]
+    global_params: Tensor
+    params: Tensor
+    grads: Tensor
+    generators: list[torch.Generator]
+    steps: list[int] = field(default_factory=list)
+    _as_updates: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def updates(self) -> Tensor:
+        """``Δ_k = y_k − w`` for every client, as a ``[C, N]`` matrix made in place of
+        ``params`` (which then no longer holds ``y_k``); the same matrix on later calls."""
+        if not self._as_updates:
+            self.params.sub_(self.global_params)
+            self._as_updates = True
+        return self.params
+
+
+class Trainer:
+    """What both engines share: the hyperparameters of local SGD, the model's flat layout and
+    the reusable ``[cohort_size, N]`` buffers of parameters and gradients."""
+
+    def __init__(self, model: nn.Module, data: ClientData, *, lr: float, batch_size: int,
+                 local_epochs: int, local_steps: int | None = None, weight_decay: float = 0.0,
+                 cohort_size: int = 1) -> None:
         self.model = model
+        self.data = data
+        self.layout = FlatLayout.of(dict(model.named_parameters()))
+        self.lr, self.weight_decay = lr, weight_decay
+        self.batch_size, self.local_epochs, self.local_steps = batch_size, local_epochs, local_steps
+        self.cohort_size = cohort_size
+        n = self.layout.numel
+        device = next(model.parameters()).device
+        self._params = torch.empty(cohort_size, n, device=device)
+        self._grads = torch.zeros(cohort_size, n, device=device)
+
+    def cohort(self, ids: Sequence[int], global_params: Tensor,
+               generators: Sequence[torch.Generator]) -> Cohort:
+        """Clients ``ids`` (at most ``cohort_size``), every row of ``params`` set to ``w``."""
+        c = len(ids)
+        if not 1 <= c <= self.cohort_size:
+            raise ValueError(f"a cohort holds 1 to {self.cohort_size} clients, got {c}")
+        params = self._params[:c]
+        params.copy_(global_params.expand(c, -1))
+        return Cohort(list(ids), [self.data.sizes[k] for k in ids], global_params, params,
+                      self._grads[:c], list(generators))
+
+    def train(self, cohort: Cohort, hook: GradHook | None = None, *,
+              steps: int | None = None) -> Tensor:
+        """Local SGD of every client of ``cohort`` from its ``params`` (``steps`` overrides the
+        configured steps); returns each client's mean loss over its steps (``[C]``)."""
+        counts = [steps or local_steps_of(n, self.batch_size, self.local_epochs, self.local_steps)
+                  for n in cohort.sizes]
+        plan = shuffled_plan(self.data, cohort.ids, cohort.generators, self.batch_size, counts)
+        cohort.steps = counts
+        self.model.train()
+        return self._descend(cohort, plan, hook)
+
+    def full_gradient(self, cohort: Cohort, chunk: int = 1024) -> Tensor:
+        """``∇f_k`` at ``params`` over all of each client's data (mean loss, weight decay
+        included), read in chunks of ``chunk`` examples per client; left in ``grads`` and
+        returned (``[C, N]``)."""
+        self.model.train()
+        plan = full_pass_plan(self.data, cohort.ids, min(chunk, max(cohort.sizes)))
+        self._accumulate(cohort, plan)
+        if self.weight_decay:
+            cohort.grads.add_(cohort.params, alpha=self.weight_decay)
+        return cohort.grads
+
+    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None) -> Tensor:
+        raise NotImplementedError
+
+    def _accumulate(self, cohort: Cohort, plan: Plan) -> None:
+        raise NotImplementedError
+
+
+class CohortTrainer(Trainer):
+    """Trains a cohort as one batched model (``torch.func.vmap`` over the clients)."""
+
+    def __init__(self, model: nn.Module, data: ClientData, **settings) -> None:
+        super().__init__(model, data, **settings)
+        for p in model.parameters():
+            p.requires_grad_(False)  # the template: its own tensors are never trained
+        self._forward = vmap(lambda p, x: functional_call(model, p, (x,)))
+
+    def _leaves(self, cohort: Cohort) -> dict[str, Tensor]:
+        """The model's tensors as ``[C, *shape]`` views of ``params`` (autograd leaves)."""
+        return {name: view.requires_grad_() for name, view in self._views(cohort.params).items()}
+
+    def _views(self, matrix: Tensor) -> dict[str, Tensor]:
+        """The model's tensors as ``[C, *shape]`` views of a ``[C, N]`` matrix."""
+        c = matrix.shape[0]
+        return {s.name: matrix[:, s.offset:s.stop].view(c, *s.shape) for s in self.layout.segments}
+
+    def _losses(self, leaves: dict[str, Tensor], index: Tensor, weight: Tensor) -> Tensor:
+        """Each client's weighted loss on its batch: ``L_k = Σ_i w_ki CE(x_ki, y_ki)``."""
+        c, b = index.shape
+        logits = self._forward(leaves, self.data.x[index])
+        ce = F.cross_entropy(logits.reshape(c * b, -1), self.data.y[index].reshape(-1),
+                             reduction="none")
+        return (ce.view(c, b) * weight).sum(1)
+
+    def _gradients(self, leaves: dict[str, Tensor], losses: Tensor) -> tuple[Tensor, ...]:
+        with warnings.catch_warnings():  # the views are strided by N: autograd says so
+            warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
+            return torch.autograd.grad(losses.sum(), list(leaves.values()))
+
+    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None) -> Tensor:
+        """The local steps. A step that every client takes works on ``grads`` in place; a step
+        some clients sit out works on a scratch matrix and keeps their rows of ``grads``
+        (their last step's gradient) and of ``params`` as they are."""
+        leaves = self._leaves(cohort)
+        params, grads, rows = cohort.params, cohort.grads, slice(None)
+        scratch = None
+        total = torch.zeros(len(cohort), device=params.device)
+        everyone = [all(a) for a in plan.active.tolist()]
+        rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
+        for s in range(plan.index.shape[0]):
+            losses = self._losses(leaves, plan.index[s], plan.weight[s])
+            if everyone[s]:
+                target = grads
+            else:
+                scratch = torch.empty_like(grads) if scratch is None else scratch
+                target = scratch
+            for view, g in zip(self._views(target).values(), self._gradients(leaves, losses)):
+                view.copy_(g)
+            with torch.no_grad():
+                if self.weight_decay:
+                    target.add_(params, alpha=self.weight_decay)
+                if hook is not None:
+                    hook(target, params, rows)
+                if everyone[s]:
+                    params.add_(grads, alpha=-self.lr)
+                    total.add_(losses.detach())
+                else:
+                    params.addcmul_(scratch, rate[s])
+                    torch.where(plan.active[s, :, None], scratch, grads, out=grads)
+                    total.add_(losses.detach() * plan.active[s])
+        return total.div_(torch.tensor(plan.steps, dtype=total.dtype, device=total.device))
+
+    def _accumulate(self, cohort: Cohort, plan: Plan) -> None:
+        leaves, views = self._leaves(cohort), self._views(cohort.grads).values()
+        cohort.grads.zero_()
+        for s in range(plan.index.shape[0]):
+            losses = self._losses(leaves, plan.index[s], plan.weight[s])
+            for view, g in zip(views, self._gradients(leaves, losses)):
+                view.add_(g)
+
+
+class SequentialTrainer(Trainer):
+    """Trains a cohort's clients one after another on one reusable model whose parameters and
+    gradients are two flat buffers: each step is one forward, one backward and one update of
+    the whole buffer."""
+
+    def __init__(self, model: nn.Module, data: ClientData, **settings) -> None:
+        super().__init__(model, data, **settings)
         self.flat = FlatParams(model)
         self.grad = torch.zeros_like(self.flat.buffer)
         for p, g in zip(model.parameters(), self.flat.layout.views(self.grad).values()):
             p.grad = g  # autograd accumulates into these views, in place
-        self.lr, self.weight_decay = lr, weight_decay
-        self.batch_size, self.local_epochs, self.local_steps = batch_size, local_epochs, local_steps
 
-    @property
-    def params(self) -> Tensor:
-        """The client model's parameters as one flat buffer (views of the model's tensors)."""
-        return self.flat.buffer
+    def _client_batches(self, plan: Plan, j: int) -> list[tuple[Tensor, Tensor]]:
+        """Client j's real batches (padding cut off), step by step."""
+        return [(self.data.x[plan.index[s, j, :b]], self.data.y[plan.index[s, j, :b]])
+                for s, b in enumerate(row[j] for row in plan.counts) if b]
 
-    def reset(self, params: Tensor) -> None:
-        """Start from ``params`` (the global flat buffer)."""
-        self.flat.copy_(params)
+    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None) -> Tensor:
+        losses = []
+        for j in range(len(cohort)):
+            rows = slice(j, j + 1)
+            self.flat.copy_(cohort.params[j])
+            total = torch.zeros((), device=self.grad.device)
+            for xb, yb in self._client_batches(plan, j):
+                self.grad.zero_()
+                loss = F.cross_entropy(self.model(xb), yb)
+                loss.backward()
+                with torch.no_grad():
+                    if self.weight_decay:
+                        self.grad.add_(self.flat.buffer, alpha=self.weight_decay)
+                    if hook is not None:
+                        hook(self.grad[None], self.flat.buffer[None], rows)
+                    self.flat.buffer.add_(self.grad, alpha=-self.lr)
+                total += loss.detach()
+            cohort.params[j].copy_(self.flat.buffer)
+            cohort.grads[j].copy_(self.grad)
+            losses.append(total / plan.steps[j])
+        return torch.stack(losses)
 
-    def train(self, x: Tensor, y: Tensor, generator: torch.Generator,
-              grad_hook: GradHook | None = None, *, steps: int | None = None) -> Tensor:
-        """Local SGD on ``(x, y)``; ``grad_hook`` may edit the flat gradient before each step
-        (a proximal term, a control variate); ``steps`` overrides the configured number of
-        steps. Returns the mean training loss (0-d tensor). Afterwards ``grad`` still holds the
-        last step's gradient (hook included)."""
-        self.model.train()
-        total = torch.zeros((), device=x.device)
-        taken = 0
-        for xb, yb in self._batches(x, y, generator, steps):
+    def _accumulate(self, cohort: Cohort, plan: Plan) -> None:
+        for j in range(len(cohort)):
+            self.flat.copy_(cohort.params[j])
             self.grad.zero_()
-            loss = F.cross_entropy(self.model(xb), yb)
-            loss.backward()
-            if self.weight_decay:
-                self.grad.add_(self.params, alpha=self.weight_decay)
-            if grad_hook is not None:
-                grad_hook(self.grad)
-            self.params.add_(self.grad, alpha=-self.lr)
-            total += loss.detach()
-            taken += 1
-        return total / taken
+            n = cohort.sizes[j]
+            for xb, yb in self._client_batches(plan, j):
+                (F.cross_entropy(self.model(xb), yb, reduction="sum") / n).backward()
+            cohort.grads[j].copy_(self.grad)
 
-    def full_gradient(self, x: Tensor, y: Tensor, chunk: int = 1024) -> Tensor:
-        """``∇f_k`` at the current parameters over the whole of ``(x, y)`` (mean loss, weight
-        decay included), as a new flat tensor; read in chunks of ``chunk`` examples."""
-        self.model.train()
-        self.grad.zero_()
-        for xb, yb in zip(x.split(chunk), y.split(chunk)):
-            (F.cross_entropy(self.model(xb), yb, reduction="sum") / len(y)).backward()
-        if self.weight_decay:
-            self.grad.add_(self.params, alpha=self.weight_decay)
-        return self.grad.clone()
 
-    def _batches(self, x: Tensor, y: Tensor, generator: torch.Generator,
-                 steps: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Shuffled mini-batches (one gather per epoch, then views): ``local_epochs`` passes, or
-        exactly ``local_steps`` (or ``steps``) batches drawn from as many passes as that takes."""
-        def passes() -> Iterator[tuple[Tensor, Tensor]]:
-            while True:
-                perm = torch.randperm(len(y), generator=generator, device=generator.device)
-                yield from zip(x[perm].split(self.batch_size), y[perm].split(self.batch_size))
+def build_trainer(engine: str, model: nn.Module, data: ClientData, **settings) -> Trainer:
+    """The trainer of ``engine`` (``auto`` is the cohort engine) on ``model`` (a copy the
+    trainer owns) and the clients' ``data``."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    cls = SequentialTrainer if engine == "sequential" else CohortTrainer
+    return cls(model, data, **settings)
 
-        count = steps or self.local_steps or self.local_epochs * math.ceil(len(y) / self.batch_size)
-        return itertools.islice(passes(), count)
+
+def estimate_client_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
+    """Bytes one more client adds to a cohort: its rows of the parameter, gradient and
+    step-gradient matrices plus two more for an algorithm's extras (``5 N`` floats), and
+    three times the activations of one batch (forward outputs kept for backward, their
+    gradients, and the batched convolutions' copies), measured by a forward on the meta
+    device (no memory, no computation)."""
+    n = sum(p.numel() for p in model.parameters())
+    sizes: list[int] = []
+    meta = copy.deepcopy(model).to("meta")
+    for m in meta.modules():
+        m.register_forward_hook(
+            lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
+    with torch.no_grad():
+        meta(torch.empty(batch_size, *input_shape, device="meta"))
+    return 4 * (5 * n + 3 * sum(sizes))

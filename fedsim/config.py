@@ -21,6 +21,7 @@ import torch
 from gma_kernels.config import MASK_KINDS, OPTIMIZER_KINDS, PLACEMENTS
 
 from .algorithms import ALGORITHM_ALIASES, ALGORITHMS, REGISTRY
+from .client import ENGINES
 from .data import DATASETS
 from .data.splits import SPLITS, check_split_args
 from .models import MODELS, parameter_names
@@ -61,6 +62,12 @@ class Config:
     batch_size: int = _setting(32, "local batch size")
     lr: float = _setting(0.2, "local SGD learning rate")
     weight_decay: float = _setting(0.0, "local L2 weight decay")
+    engine: str = _setting("auto", "how a round's clients train: cohort (together, as one batched "
+                           "model), sequential (one after another), auto (cohort)", ENGINES)
+    cohort_size: int = _setting(0, "most clients trained together; a larger round trains in "
+                                "consecutive cohorts. Memory grows linearly with it: about "
+                                "5 x 4 bytes per parameter plus 3 batches of activations per "
+                                "client (0: as many as fit in a quarter of the free memory)")
     # federation and server
     algorithms: tuple[str, ...] = _setting(("fedavg", "fedgma"), "client algorithms to compare, "
                                            "on the same data and seeds (<name>+gma: with gradient "
@@ -103,7 +110,11 @@ class Config:
     # the run
     seeds: tuple[int, ...] = _setting((0, 1), "seeds (data split, model init, sampling)")
     eval_every: int = _setting(5, "evaluate every n rounds (and at the last)")
-    checkpoint_every: int = _setting(1, "checkpoint every n rounds (and at the last)")
+    checkpoint_every: int | None = _setting(None, "checkpoint every n rounds (default: at the "
+                                            "first round end checkpoint_seconds after the last "
+                                            "checkpoint), and at the end of every run")
+    checkpoint_seconds: float = _setting(30.0, "with checkpoint_every unset: seconds between "
+                                         "checkpoints (0: every round)")
     device: str = _setting("cpu", "cpu, cuda, cuda:N or auto")
     deterministic: bool = _setting(True, "deterministic cuDNN kernels, so CUDA reruns and resumed runs "
                                    "match bit for bit (CPU runs always do)")
@@ -143,6 +154,8 @@ class Config:
                      "rounds", "eval_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 1)
         _at_least("threads", self.threads, 0)
+        _at_least("cohort_size", self.cohort_size, 0)
+        _number("checkpoint_seconds", self.checkpoint_seconds, low=0.0)
         _at_least("min_client_size", self.min_client_size, 0)
         for seed in self.seeds:
             _at_least("seeds", seed, 0)

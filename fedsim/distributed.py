@@ -7,15 +7,16 @@ and draws the same client sample; rank ``r`` of ``W`` trains clients ``r, r + W,
 of seed, round and client only, so any rank trains any client identically). The ranks then
 combine their clients' uploads with collectives and every rank takes the same server step:
 
-* model updates: folded into a ``gma_kernels.Accumulator``, one ``all_reduce`` of its
-  ``2N + 2`` floats, ``ServerOptimizer.step_accumulated`` (``Collective.accumulate``);
+* model updates: each rank folds its clients into a ``gma_kernels.Accumulator``
+  (``fedsim.server.Aggregation``), one ``all_reduce`` of its ``2N + 2`` floats
+  (``Collective.reduce_accumulator``), then ``ServerOptimizer.step_accumulated``;
 * sums over the clients (FedGA's ``Σ p_k g_k``): one ``all_reduce`` (``Collective.all_reduce_``);
 * per-client values every rank needs (the losses, SCAFFOLD's new ``c_k``): one ``all_gather``,
   returned in the sampled order (``Collective.gather``).
 
 Algorithms reach these through ``server.comm``. The base ``Collective`` is one process: every
-operation is the identity (``accumulate`` only folds), so a one-process run takes the plain
-batch path, bit for bit as before. ``ProcessGroupCollective`` runs them over a process group;
+operation is the identity. This module only communicates: the GMA math stays with the
+server. ``ProcessGroupCollective`` runs them over a process group;
 a rank that dies or stalls makes the others raise
 ``gma_kernels.distributed.DistributedAggregationError`` (a ``RuntimeError``) naming the
 operation, instead of hanging.
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gma_kernels import Accumulator, GMAStats, MaskConfig, masked_mean
+from gma_kernels import Accumulator
 from gma_kernels.distributed import (DistributedAggregationError, all_reduce_accumulator,
                                      shard_clients)
 
@@ -76,18 +77,9 @@ class Collective:
         shape, dtype and device (a rank may have no client)."""
         return list(rows)
 
-    def accumulate(self, acc: Accumulator, updates: Sequence[Tensor],
-                   weights: Sequence[float]) -> Accumulator:
-        """Fold this rank's ``updates`` into ``acc`` and sum the accumulators over the ranks."""
-        if updates:
-            acc.add(list(updates), list(weights))
+    def reduce_accumulator(self, acc: Accumulator) -> Accumulator:
+        """``acc`` summed over the ranks, in place (every rank gets the total)."""
         return acc
-
-    def masked_mean(self, updates: Sequence[Tensor], weights: Sequence[float], like: Tensor, *,
-                    tau: float, mask: str) -> tuple[Tensor, GMAStats]:
-        """``gma_kernels.masked_mean`` over every rank's ``updates`` (unweighted agreement),
-        with its stats; ``like`` gives N and the device."""
-        return masked_mean(list(updates), list(weights), tau=tau, mask=mask, return_stats=True)
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -144,16 +136,8 @@ class ProcessGroupCollective(Collective):
                   lambda: dist.all_gather(blocks, block, group=self.group))
         return [blocks[i % world][i // world].clone() for i in range(total)]  # shard i%W, row i//W
 
-    def accumulate(self, acc: Accumulator, updates: Sequence[Tensor],
-                   weights: Sequence[float]) -> Accumulator:
-        super().accumulate(acc, updates, weights)
+    def reduce_accumulator(self, acc: Accumulator) -> Accumulator:
         return all_reduce_accumulator(acc, self.group)
-
-    def masked_mean(self, updates: Sequence[Tensor], weights: Sequence[float], like: Tensor, *,
-                    tau: float, mask: str) -> tuple[Tensor, GMAStats]:
-        acc = self.accumulate(Accumulator(like.numel(), device=like.device), updates, weights)
-        mean, m, stats = acc.finalize(MaskConfig(tau, mask))
-        return mean.mul_(m), stats
 
     def barrier(self) -> None:
         self._run("barrier", lambda: dist.barrier(group=self.group))

@@ -7,8 +7,10 @@ import copy
 import dataclasses
 import os
 import random
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .algorithms import Algorithm, ClientContext, build_algorithm
+from .algorithms import Algorithm, Round, build_algorithm
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .client import ClientTrainer, client_generator
+from .client import ClientData, build_trainer, estimate_client_bytes
 from .config import Config
 from .data import FederatedDataset, load_federated
 from .distributed import Collective, current_collective
@@ -27,14 +29,18 @@ from .models import build_model
 from .report import COLUMNS, write_metrics
 from .server import Server
 
+if TYPE_CHECKING:
+    from .client import Trainer
+
 EVAL_BATCH = 1024
 
 
 class Simulation:
-    """One method with one seed: the global model and its server, the client algorithm, the one
-    reusable client trainer, and the client sampler. Each client's batches are shuffled by
-    ``client_generator(seed, round, client)``, so they depend on nothing else (not on the
-    clients trained before it, nor on the rank that trains it).
+    """One method with one seed: the global model and its server, the client algorithm, the
+    trainer of the clients' cohorts (``config.engine``), and the client sampler. Each client's
+    batches are shuffled by ``client_generator(seed, round, client)``, so they depend on
+    nothing else (not on the clients trained with it or before it, nor on the rank or the
+    engine that trains it).
 
     ``comm``: the ranks that share each round's clients (default: the initialized process
     group, if any, else one process). Every rank builds the same simulation and draws the same
@@ -47,9 +53,14 @@ class Simulation:
         model = build_model(config.model, data.input_shape, data.num_classes).to(device)
         self.config, self.data, self.seed = config, data, seed
         self.comm = comm or current_collective()
-        self.trainer = ClientTrainer(copy.deepcopy(model), lr=config.lr, batch_size=config.batch_size,
-                                     local_epochs=config.local_epochs, local_steps=config.local_steps,
-                                     weight_decay=config.weight_decay)
+        share = len(self.comm.shard(range(config.clients_per_round)))
+        self.cohort_size = config.cohort_size or auto_cohort_size(
+            model, data.input_shape, config.batch_size, device, max(1, share))
+        self.trainer = build_trainer(
+            config.engine, copy.deepcopy(model), ClientData(data.clients), lr=config.lr,
+            batch_size=config.batch_size, local_epochs=config.local_epochs,
+            local_steps=config.local_steps, weight_decay=config.weight_decay,
+            cohort_size=self.cohort_size)
         self.algorithm = build_algorithm(method, config)
         self.server = Server(model, config, masked=self.algorithm.masked,
                              optimizer=self.algorithm.server_optimizer, comm=self.comm)
@@ -64,12 +75,11 @@ class Simulation:
                                            replace=False)).tolist()
 
     def round(self) -> dict[str, float]:
-        """Sample clients, train each locally from ``w``, aggregate and step the server."""
+        """Sample clients, train them locally from ``w``, aggregate and step the server."""
         ids = self.sample()
         self.rounds_played += 1
-        return play_round(self.algorithm, self.server, self.trainer,
-                          [(k, *self.data.clients[k]) for k in ids],
-                          seed=self.seed, round_=self.rounds_played)
+        return play_round(self.algorithm, self.server, self.trainer, ids, seed=self.seed,
+                          round_=self.rounds_played)
 
     def evaluate(self) -> dict[str, float | None]:
         """Accuracy and loss of the global model in distribution and, if there is one, OOD."""
@@ -94,32 +104,47 @@ class Simulation:
         restore_rng(state["rng"])
 
 
-def play_round(algorithm: Algorithm, server: Server, trainer: ClientTrainer,
-               clients: list[tuple[int, Tensor, Tensor]], *, seed: int = 0,
-               round_: int = 0) -> dict[str, float]:
-    """One round with the sampled ``clients`` (id, x, y): the algorithm's extra exchange, local
-    training of each from ``w`` (client ``k`` shuffled by ``client_generator(seed, round_,
-    k)``), aggregation. Across ranks (``server.comm``) this rank trains its share of
-    ``clients`` and the exchanges combine the ranks. Returns the round's metrics, the same on
-    every rank: mean local loss over all the clients, mask statistics and the floats exchanged
-    (totals over the clients, and the ratio to FedAvg's ``2 N`` per client)."""
+def play_round(algorithm: Algorithm, server: Server, trainer: Trainer, clients: Sequence[int],
+               *, seed: int = 0, round_: int = 0) -> dict[str, float]:
+    """One round with the sampled ``clients`` (ids into the trainer's ``ClientData``): this
+    rank's share of them (``server.comm``), in cohorts of at most ``trainer.cohort_size``,
+    each trained from ``w`` (client ``k`` shuffled by ``client_generator(seed, round_, k)``)
+    and folded into the round's aggregation as it finishes; then the server step. Returns the
+    round's metrics, the same on every rank: mean local loss over all the clients, mask
+    statistics and the floats exchanged (totals over the clients, and the ratio to FedAvg's
+    ``2 N`` per client)."""
     comm = server.comm
-    contexts = [ClientContext(k, x, y, server.params, trainer,
-                              client_generator(seed, round_, k, x.device))
-                for k, x, y in comm.shard(clients)]
-    algorithm.pre_round(server, contexts)
-    results = []
-    for ctx in contexts:
-        trainer.reset(server.params)
-        results.append(algorithm.local_train(ctx))
-    stats = algorithm.aggregate(server, results)
-    losses = comm.gather([r.loss for r in results], like=server.params.new_zeros(()))
+    mine = comm.shard(list(clients))
+    size = trainer.cohort_size
+    rnd = Round(server, trainer, trainer.data, [mine[i:i + size] for i in range(0, len(mine), size)],
+                seed, round_)
+    algorithm.begin_round(rnd)
+    losses = []
+    for ids in rnd.chunks:
+        cohort = rnd.cohort(ids)
+        losses += list(algorithm.local_train(rnd, cohort).detach())
+        algorithm.collect(rnd, cohort)
+    stats = algorithm.end_round(rnd)
+    losses = comm.gather(losses, like=server.params.new_zeros(()))
     n = server.params.numel()
     down, up = algorithm.communication(n)
     return {"train_loss": float(torch.stack(losses).mean()),
             "mask_density": float(stats.density), "mean_agreement": float(stats.mean_agreement),
             "floats_down": down * len(clients), "floats_up": up * len(clients),
             "comm_vs_fedavg": (down + up) / (2 * n)}
+
+
+def auto_cohort_size(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
+                     device: torch.device, clients: int) -> int:
+    """How many clients train together by default: all of this rank's ``clients`` when their
+    cohort fits in a quarter of the device's free memory (``estimate_client_bytes`` each),
+    else as many as fit (at least 1)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    per_client = estimate_client_bytes(model, input_shape, batch_size)
+    return max(1, min(clients, int(free // 4 // per_client)))
 
 
 def seed_everything(seed: int) -> None:
@@ -142,14 +167,18 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 
 def load_data(config: Config, seed: int) -> FederatedDataset:
-    """The federated dataset for ``seed``, moved to the run's device once."""
+    """The federated dataset for ``seed``, moved to the run's device once; the clients'
+    examples are consecutive views of one pair of tensors (``ClientData`` reads them in place)."""
     data = load_federated(config.dataset, num_clients=config.num_clients, split=config.split,
                           alpha=config.alpha, seed=seed, data_dir=config.data_dir,
                           download=config.download, min_client_size=config.min_client_size,
                           max_train=config.max_train)
     device = config.torch_device()
     move = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
-    return dataclasses.replace(data, clients=[move(c) for c in data.clients], test=move(data.test),
+    sizes = [len(y) for _, y in data.clients]
+    x = torch.cat([x for x, _ in data.clients]).to(device).split(sizes)
+    y = torch.cat([y for _, y in data.clients]).to(device).split(sizes)
+    return dataclasses.replace(data, clients=list(zip(x, y)), test=move(data.test),
                                ood_test=move(data.ood_test) if data.ood_test is not None else None)
 
 
@@ -164,7 +193,8 @@ def default_threads() -> int:
 def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
                    comm: Collective | None = None) -> list[dict[str, Any]]:
     """Run every method for every seed (same data and seeds for every method); return the
-    metrics rows. Checkpoints every ``checkpoint_every`` rounds; ``resume`` continues from the
+    metrics rows. Checkpoints every ``checkpoint_every`` rounds, or (unset) at the first round
+    end ``checkpoint_seconds`` after the previous checkpoint; ``resume`` continues from the
     run folder's checkpoint (if it has one; else from the start) and ends exactly as an
     uninterrupted run would.
 
@@ -189,7 +219,16 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
     if resume:
         comm.barrier()  # every rank has read the checkpoint before rank 0 replaces it
 
+    last_save = time.monotonic()
+
+    def due(round_: int) -> bool:
+        if config.checkpoint_every is not None:
+            return round_ % config.checkpoint_every == 0
+        return time.monotonic() - last_save >= config.checkpoint_seconds
+
     def save(job: int, round_: int, sim_state: dict | None) -> None:
+        nonlocal last_save
+        last_save = time.monotonic()
         save_checkpoint(run_dir, {"config": config.to_dict(), "job": job, "round": round_,
                                   "state": sim_state, "rows": rows})
         write_metrics(run_dir, rows)
@@ -219,7 +258,7 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
                 if last:
                     save_model(sim.server.model, run_dir / f"model-{method}-seed{seed}.pt")
                     save(job + 1, 0, None)
-                elif r % config.checkpoint_every == 0:
+                elif due(r):
                     save(job, r, sim.state_dict())
             start_round, state = 1, None
     return rows

@@ -1,11 +1,12 @@
-"""The server: the global model as one flat buffer, stepped in place by ``gma_kernels``."""
+"""The server: the global model as one flat buffer, stepped in place by ``gma_kernels``, and
+the round's aggregations (the clients' uploads folded in as their cohorts finish)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from gma_kernels import Accumulator, FlatParams, GMAStats, ServerOptimizer
+from gma_kernels import Accumulator, FlatParams, GMAStats, MaskConfig, ServerOptimizer, masked_mean
 
 from .config import Config
 from .distributed import Collective
@@ -38,24 +39,18 @@ class Server:
         """The global parameters ``w`` (the flat buffer itself, not a copy)."""
         return self.flat.buffer
 
-    def step(self, updates: Sequence[Tensor], weights: Sequence[float]) -> GMAStats:
-        """Aggregate the clients' flat updates (read where they lie) and step ``w`` in place.
+    def aggregation(self, chunks: int, mask: MaskConfig | None = None) -> Aggregation:
+        """An empty aggregation for a round whose clients come in ``chunks`` cohorts on this
+        rank; ``mask``: the mask of ``Aggregation.masked_mean`` (default: the optimizer's)."""
+        return Aggregation(self, streaming=chunks != 1 or self.comm.distributed,
+                           mask=mask or self.optimizer.mask_config)
 
-        One process: the batch kernel over ``updates``. Across ranks, ``updates`` are this
-        rank's clients': folded into an ``Accumulator``, summed over the ranks (one all-reduce)
-        and stepped with ``step_accumulated``, the same step on every rank (equal to the batch
-        path's to float32 summation order, with the identical unweighted mask)."""
-        if not self.comm.distributed:
-            return self.optimizer.step(updates, weights)
-        return self.optimizer.step_accumulated(
-            self.comm.accumulate(self.new_accumulator(), updates, weights))
-
-    def new_accumulator(self) -> Accumulator:
-        """An empty accumulator matching the server optimizer's mask and policies."""
-        opt = self.optimizer
-        return Accumulator(self.params.numel(), device=self.params.device,
-                           weighted_agreement=opt.mask_config.weighted_agreement,
-                           backend=opt.backend, nonfinite=opt.nonfinite)
+    def step(self, updates: Tensor | Sequence[Tensor], weights: Sequence[float]) -> GMAStats:
+        """Aggregate one batch of flat updates (a ``[C, N]`` matrix or C rows, read where they
+        lie) and step ``w`` in place, combining the ranks' clients."""
+        agg = self.aggregation(1)
+        agg.add(updates, weights)
+        return agg.step()
 
     def state_dict(self) -> dict:
         return {"params": self.params.clone(), "optimizer": self.optimizer.state_dict()}
@@ -63,3 +58,53 @@ class Server:
     def load_state_dict(self, state: dict) -> None:
         self.flat.copy_(state["params"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class Aggregation:
+    """A round's uploads of one kind (model updates, last gradients), added cohort by cohort.
+
+    One cohort in one process: its ``[C, N]`` matrix goes to ``gma_kernels`` as it is (the
+    batch kernel, read in place). Otherwise (several cohorts, or several ranks) each cohort is
+    folded into a streaming ``Accumulator`` as it finishes, and the ranks' accumulators are
+    summed (one all-reduce) when the round ends: the batch result to float32 summation order,
+    with the identical unweighted mask, in ``2N + 2`` floats of memory."""
+
+    def __init__(self, server: Server, *, streaming: bool, mask: MaskConfig) -> None:
+        self.server, self.mask = server, mask
+        self._batch: tuple[Tensor | Sequence[Tensor], list[float]] | None = None
+        self._acc: Accumulator | None = None
+        if streaming:
+            opt = server.optimizer
+            self._acc = Accumulator(server.params.numel(), device=server.params.device,
+                                    weighted_agreement=mask.weighted_agreement,
+                                    backend=opt.backend, nonfinite=opt.nonfinite)
+
+    def add(self, rows: Tensor | Sequence[Tensor], weights: Sequence[float]) -> None:
+        """Fold in a cohort's rows (``[C, N]``, or C 1-D tensors) with their weights."""
+        weights = [float(w) for w in weights]
+        if self._acc is None:
+            if self._batch is not None:
+                raise RuntimeError("a one-cohort aggregation takes one cohort")
+            self._batch = (rows, weights)
+        elif len(weights):
+            self._acc.add(rows, weights)
+
+    def _reduced(self) -> Accumulator:
+        return self.server.comm.reduce_accumulator(self._acc)
+
+    def step(self) -> GMAStats:
+        """Step the server optimizer with the aggregate (every rank the same step)."""
+        if self._acc is None:
+            return self.server.optimizer.step(*self._batch)
+        return self.server.optimizer.step_accumulated(self._reduced())
+
+    def masked_mean(self) -> tuple[Tensor, GMAStats]:
+        """``m ⊙ Σ p̄_k x_k`` with this aggregation's mask, and its stats."""
+        if self._acc is None:
+            rows, weights = self._batch
+            return masked_mean(rows, weights, tau=self.mask.tau, mask=self.mask.mask,
+                               weighted_agreement=self.mask.weighted_agreement,
+                               rescale=self.mask.rescale, return_stats=True)
+        mean, m, stats = self._reduced().finalize(self.mask)
+        return mean.mul_(m), stats
+

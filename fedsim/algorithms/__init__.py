@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Algorithm, ClientContext, ClientResult, masked_variant
+from .base import Algorithm, Round, masked_variant
 from .fedavg import FedAvg
 from .fedga import FedGA
 from .fedgma import FedGMA
@@ -44,8 +44,10 @@ ALGORITHM_ALIASES: dict[str, str] = {"fedavg+gma": "fedgma"}
 
 
 def build_algorithm(name: str, config: Config) -> Algorithm:
-    """The algorithm called ``name`` (one of ``ALGORITHMS``; ``Config`` has checked it)."""
-    return REGISTRY[ALGORITHM_ALIASES.get(name, name)](config)
+    """The algorithm called ``name`` (one of ``ALGORITHMS``; ``Config`` has checked it), given
+    its own hyperparameters from ``config`` (``Algorithm.hyperparameters``)."""
+    cls = REGISTRY[ALGORITHM_ALIASES.get(name, name)]
+    return cls(**{key: getattr(config, setting) for key, setting in cls.hyperparameters.items()})
 
 
 def plain_name(name: str) -> str:
@@ -54,5 +56,5 @@ def plain_name(name: str) -> str:
     return "fedavg" if name == "fedgma" else name.removesuffix("+gma")
 
 
-__all__ = ["ALGORITHMS", "ALGORITHM_ALIASES", "Algorithm", "ClientContext", "ClientResult",
-           "REGISTRY", "build_algorithm", "masked_variant", "plain_name"]
+__all__ = ["ALGORITHMS", "ALGORITHM_ALIASES", "Algorithm", "REGISTRY", "Round", "build_algorithm",
+           "masked_variant", "plain_name"]

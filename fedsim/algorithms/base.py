@@ -1,28 +1,34 @@
-"""The client-algorithm interface: what a client does in a round, what it uploads, and how the
-server folds the uploads in.
+"""The client-algorithm interface: how a round's clients train, what they upload, and how the
+server folds the uploads in; every hook works on a whole cohort of clients as ``[C, N]``
+matrices (``fedsim.client.Cohort``).
 
 A round, as the loop drives it (``fedsim.loop.play_round``), on every rank::
 
-    contexts = this rank's share of the sampled clients (all of them in one process)
-    algorithm.pre_round(server, contexts)          # optional extra exchange (FedGA)
-    results = [algorithm.local_train(ctx) for ctx in contexts]   # trainer reset to w before each
-    stats = algorithm.aggregate(server, results)   # one ServerOptimizer step (or more)
+    algorithm.begin_round(rnd)                   # the aggregations; an extra exchange (FedGA)
+    for ids in rnd.chunks:                       # this rank's clients, cohort_size at a time
+        cohort = rnd.cohort(ids)                 # params: every row w
+        losses = algorithm.local_train(rnd, cohort)
+        algorithm.collect(rnd, cohort)           # fold the cohort's uploads in
+    stats = algorithm.end_round(rnd)             # one ServerOptimizer step (or more)
+
+A cohort's matrices are reused by the next one: ``collect`` folds what it needs into the
+round's aggregations (``rnd.updates``, a ``fedsim.server.Aggregation``) or keeps its own copy.
 
 Across ranks (``fedsim.distributed``) every rank runs the round on its share and must end it
-with the same server state: ``server.step`` already combines the ranks' updates, and an
-algorithm that needs more from the other ranks' clients uses ``server.comm`` (``all_reduce_``
-for a sum over clients, ``gather`` for per-client values in the sampled order). In one process
-these are the identity, so an algorithm written this way runs unchanged in both.
+with the same server state: the aggregations already combine the ranks, and an algorithm that
+needs more from the other ranks' clients uses ``rnd.server.comm`` (``all_reduce_`` for a sum
+over clients, ``gather`` for per-client values in the sampled order). In one process these
+are the identity, so an algorithm written this way runs unchanged in both.
 
 ``setup(server)`` runs once, after the server exists and before any round or
 ``load_state_dict``: algorithms that keep server-side tensors (SCAFFOLD's ``c``) allocate them
-there, sized by the server's flat layout.
+there, sized by the server's flat layout. Per-client state that persists across rounds
+(SCAFFOLD's control variates) lives in ``client_state[client_id]`` and is saved with
+``state_dict()``; any rank may train a client in a later round, so every rank keeps every
+client's state (update it in ``end_round`` from what ``comm.gather`` returns).
 
-Per-client state that persists across rounds (SCAFFOLD's control variates) lives in
-``client_state[client_id]`` and is saved with ``state_dict()``. Any rank may train a client
-in a later round, so every rank keeps every client's state: update it in ``aggregate`` from
-what ``server.comm.gather`` returns, not in ``local_train``. A subclass with server-side state
-extends ``state_dict``/``load_state_dict``. Extra uploaded tensors go in ``ClientResult.extras``.
+An algorithm gets its own hyperparameters as constructor keywords; ``hyperparameters`` maps
+each keyword to the ``Config`` setting it comes from (``build_algorithm`` reads them).
 
 Every algorithm has a GMA twin, ``<name>+gma`` (``masked_variant``): same clients, same uploads,
 but the server aggregates the model updates with gradient masked averaging (``gma_*``
@@ -31,6 +37,7 @@ weighted averaging, so the plain algorithm is reproduced bit for bit.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -39,50 +46,37 @@ from torch import Tensor
 
 from gma_kernels import GMAStats
 
-from ..client import ClientTrainer, GradHook
+from ..client import ClientData, Cohort, client_generator
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..server import Server
+    from ..client import Trainer
+    from ..server import Aggregation, Server
 
 
 @dataclass
-class ClientContext:
-    """One sampled client in one round: its data (on the device), the global parameters ``w``
-    (the server's flat buffer, read only), the shared trainer, and the client's own shuffling
-    generator for this round (``fedsim.client.client_generator``)."""
+class Round:
+    """One round on this rank: the server, the trainer, the clients' data, this rank's share
+    of the sampled clients in ``chunks`` of at most the cohort size, and the run's seed and
+    round number (which, with the client id, seed each client's shuffling)."""
 
-    client_id: int
-    x: Tensor
-    y: Tensor
-    global_params: Tensor
-    trainer: ClientTrainer
-    generator: torch.Generator
+    server: Server
+    trainer: Trainer
+    data: ClientData
+    chunks: list[list[int]]
+    seed: int
+    number: int
+    updates: Aggregation | None = None
+    losses: list[Tensor] = field(default_factory=list)
 
     @property
-    def num_examples(self) -> int:
-        return len(self.y)
+    def ids(self) -> list[int]:
+        return [k for chunk in self.chunks for k in chunk]
 
-    def train(self, grad_hook: GradHook | None = None, *, steps: int | None = None) -> Tensor:
-        """Local SGD from wherever the trainer's parameters are (``steps`` overrides the
-        configured epochs / steps); returns the mean loss."""
-        return self.trainer.train(self.x, self.y, self.generator, grad_hook, steps=steps)
-
-    def update(self) -> Tensor:
-        """``Δ_k = w_k − w``: the trained parameters minus the global ones (a new flat tensor)."""
-        return self.trainer.params - self.global_params
-
-
-@dataclass
-class ClientResult:
-    """What one client uploads: its update, its aggregation weight, its mean local loss, and any
-    extra tensors the algorithm sends (a control-variate delta, a last gradient)."""
-
-    client_id: int
-    update: Tensor
-    weight: float
-    loss: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    def cohort(self, ids: Sequence[int]) -> Cohort:
+        """Clients ``ids`` ready to train from ``w``, each with its own shuffling generator."""
+        device = self.data.device
+        gens = [client_generator(self.seed, self.number, k, device) for k in ids]
+        return self.trainer.cohort(ids, self.server.params, gens)
 
 
 class Algorithm:
@@ -101,27 +95,34 @@ class Algorithm:
     masked: ClassVar[bool] = False
     server_optimizer: ClassVar[str | None] = None
     equal_weights: ClassVar[bool] = False
+    #: constructor keyword -> the Config setting it comes from
+    hyperparameters: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self) -> None:
         self.client_state: dict[int, dict[str, Tensor]] = {}
 
     def setup(self, server: Server) -> None:
         """Once, after the server is built (allocate server-side state here)."""
 
-    def pre_round(self, server: Server, contexts: list[ClientContext]) -> None:
-        """An exchange before local training (none by default)."""
+    def weights(self, cohort: Cohort) -> list[float]:
+        """The clients' aggregation weights: their numbers of examples, or 1 (``equal_weights``)."""
+        return [1.0] * len(cohort) if self.equal_weights else [float(n) for n in cohort.sizes]
 
-    def client_weight(self, ctx: ClientContext) -> float:
-        """The client's aggregation weight: its number of examples, or 1 (``equal_weights``)."""
-        return 1.0 if self.equal_weights else float(ctx.num_examples)
+    def begin_round(self, rnd: Round) -> None:
+        """Before any cohort trains: the round's aggregation of the model updates."""
+        rnd.updates = rnd.server.aggregation(len(rnd.chunks))
 
-    def local_train(self, ctx: ClientContext) -> ClientResult:
-        loss = ctx.train()
-        return ClientResult(ctx.client_id, ctx.update(), self.client_weight(ctx), loss)
+    def local_train(self, rnd: Round, cohort: Cohort) -> Tensor:
+        """Train the cohort from ``w``; each client's mean loss (``[C]``)."""
+        return rnd.trainer.train(cohort)
 
-    def aggregate(self, server: Server, results: list[ClientResult]) -> GMAStats:
-        return server.step([r.update for r in results], [r.weight for r in results])
+    def collect(self, rnd: Round, cohort: Cohort) -> None:
+        """Fold the trained cohort's uploads into the round (its updates ``Δ``)."""
+        rnd.updates.add(cohort.updates(), self.weights(cohort))
+
+    def end_round(self, rnd: Round) -> GMAStats:
+        """After every cohort: step the server."""
+        return rnd.updates.step()
 
     def communication(self, num_params: int) -> tuple[int, int]:
         """Floats (down, up) one participating client exchanges with the server in a round, for

@@ -1,4 +1,5 @@
-"""FedGMA (arXiv 2201.11986, SPEC section 1): FedAvg's clients; the server masks the averaged update
+"""FedGMA (Tenison et al., "Gradient Masked Averaging for Federated Learning", TMLR 2023):
+FedAvg's clients; the server masks the averaged update
 coordinate-wise by the clients' sign agreement (soft or hard mask, threshold ``gma_tau``)."""
 from __future__ import annotations
 

@@ -1,24 +1,29 @@
 """FedProx (Li et al. 2020): FedAvg whose clients minimise ``F_k(y) + (μ/2)‖y − w‖²``.
 
-The proximal term enters through the trainer's gradient hook, ``grad += μ (y − w)`` before each
-local step (``fedprox_mu``); uploads and aggregation are FedAvg's. ``μ = 0`` is FedAvg exactly
-(the hook is skipped).
+The proximal term enters through the trainer's gradient hook, ``G += μ (P − w)`` before each
+local step (every client's row at once); uploads and aggregation are FedAvg's. ``μ = 0`` is
+FedAvg exactly (the hook is skipped).
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Algorithm, ClientContext, ClientResult
+from ..client import Cohort
+from .base import Algorithm, Round
 
 
 class FedProx(Algorithm):
     name = "fedprox"
+    hyperparameters = {"mu": "fedprox_mu"}
 
-    def local_train(self, ctx: ClientContext) -> ClientResult:
-        mu, y, w = self.config.fedprox_mu, ctx.trainer.params, ctx.global_params
+    def __init__(self, mu: float) -> None:
+        super().__init__()
+        self.mu = mu
 
-        def proximal(grad: Tensor) -> None:
-            grad.add_(y - w, alpha=mu)
+    def local_train(self, rnd: Round, cohort: Cohort) -> Tensor:
+        mu, w = self.mu, cohort.global_params
 
-        loss = ctx.train(proximal if mu else None)
-        return ClientResult(ctx.client_id, ctx.update(), self.client_weight(ctx), loss)
+        def proximal(grads: Tensor, params: Tensor, rows: slice) -> None:
+            grads.add_(params, alpha=mu).sub_(w, alpha=mu)
+
+        return rnd.trainer.train(cohort, proximal if mu else None)

@@ -3,11 +3,12 @@
 Client ``k`` holds ``c_k`` (zero until it first takes part); the server holds ``c`` (zero at the
 start). A sampled client downloads ``w`` and ``c``, runs ``K_s`` local steps
 ``y ← y − η_l (∇f_k(y) − c_k + c)`` (the correction ``c − c_k`` enters through the gradient
-hook), then sets ``c_k⁺ = c_k − c + (w − y) / (K_s η_l)`` and uploads ``Δy = y − w`` and
-``Δc = c_k⁺ − c_k``. The server steps ``w ← w + η_g mean(Δy)`` through its ``ServerOptimizer``
-(GMA when masked; the mean is unweighted, as in the paper) and sets
-``c ← c + (|S| / N) mean(Δc)`` (a plain mean, never masked), so ``c`` stays the mean of all
-``N`` clients' ``c_k``.
+hook: one ``[C, M]`` matrix for the cohort, the clients' ``c_k`` gathered as rows), then sets
+``c_k⁺ = c_k − c + (w − y) / (K_s η_l)`` and uploads ``Δy = y − w`` and ``Δc = c_k⁺ − c_k``.
+The server steps ``w ← w + η_g mean(Δy)`` through its ``ServerOptimizer`` (GMA when masked;
+the mean is unweighted, as in the paper) and sets ``c ← c + (|S| / N) mean(Δc)`` (a plain
+mean, never masked), so ``c`` stays the mean of all ``N`` clients' ``c_k``
+(``num_clients``).
 
 Across ranks (``fedsim.distributed``) every rank keeps every client's ``c_k``, since a client
 trained on one rank this round may be trained on another later: after local training the ranks
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from gma_kernels import FlatLayout, GMAStats
 
-from .base import Algorithm, ClientContext, ClientResult
+from ..client import Cohort
+from .base import Algorithm, Round
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 class Scaffold(Algorithm):
     name = "scaffold"
     equal_weights = True
+    hyperparameters = {"num_clients": "num_clients"}
+
+    def __init__(self, num_clients: int) -> None:
+        super().__init__()
+        self.num_clients = num_clients
 
     def correction_start(self, layout: FlatLayout) -> int:
         """First flat index that gets the control-variate correction (all of them here)."""
@@ -46,34 +53,46 @@ class Scaffold(Algorithm):
         self.start = self.correction_start(server.flat.layout)
         self.c = torch.zeros_like(server.params[self.start:])  # the server control variate
 
-    def local_train(self, ctx: ClientContext) -> ClientResult:
-        start, c = self.start, self.c
-        c_k = self.client_state.get(ctx.client_id, {}).get("c")
-        correction = c.clone() if c_k is None else c - c_k  # c − c_k, with c_k = 0 if never seen
-        steps = 0
+    def _client_variates(self, ids: list[int]) -> Tensor:
+        """``c_k`` of clients ``ids`` as rows (0 for a client never seen)."""
+        zero = torch.zeros_like(self.c)
+        return torch.stack([self.client_state.get(k, {}).get("c", zero) for k in ids])
 
-        def corrected(grad: Tensor) -> None:
-            nonlocal steps
-            grad[start:].add_(correction)
-            steps += 1
+    def begin_round(self, rnd: Round) -> None:
+        super().begin_round(rnd)
+        self._ids: list[int] = []
+        self._new: list[Tensor] = []
 
-        loss = ctx.train(corrected)
-        drift = ctx.global_params[start:] - ctx.trainer.params[start:]  # w − y
-        c_new = drift.div_(steps * ctx.trainer.lr).sub_(c)  # c_k⁺ = c_k − c + (w − y)/(K_s η_l)
-        if c_k is not None:
-            c_new.add_(c_k)
-        # c_k⁺ travels instead of Δc = c_k⁺ − c_k: aggregate forms Δc where c_k is kept
-        return ClientResult(ctx.client_id, ctx.update(), self.client_weight(ctx), loss,
-                            {"c": c_new})
+    def local_train(self, rnd: Round, cohort: Cohort) -> Tensor:
+        start = self.start
+        correction = self._client_variates(cohort.ids).neg_().add_(self.c)  # c − c_k, [C, M]
 
-    def aggregate(self, server: Server, results: list[ClientResult]) -> GMAStats:
-        stats = server.step([r.update for r in results], [r.weight for r in results])
-        comm = server.comm
-        ids = comm.gather([torch.tensor(r.client_id, device=self.c.device) for r in results],
+        def corrected(grads: Tensor, params: Tensor, rows: slice) -> None:
+            grads[:, start:].add_(correction[rows])
+
+        return rnd.trainer.train(cohort, corrected)
+
+    def collect(self, rnd: Round, cohort: Cohort) -> None:
+        updates = cohort.updates()
+        scale = torch.tensor(cohort.steps, dtype=self.c.dtype, device=self.c.device)
+        scale = scale.mul_(-rnd.trainer.lr)[:, None]  # −K_s η_l: (w − y)/(K_s η_l) = Δy/scale
+        c_new = updates[:, self.start:] / scale
+        c_new.sub_(self.c).add_(self._client_variates(cohort.ids))  # c_k⁺ = c_k − c + (w − y)/(K_s η_l)
+        self._ids += cohort.ids
+        # c_k⁺ travels instead of Δc: end_round forms Δc where c_k is kept; one row each, so
+        # a stored c_k does not hold its cohort's whole matrix
+        self._new += [row.clone() for row in c_new]
+        rnd.updates.add(updates, self.weights(cohort))
+
+    def end_round(self, rnd: Round) -> GMAStats:
+        stats = rnd.updates.step()
+        comm = rnd.server.comm
+        ids = comm.gather([torch.tensor(k, device=self.c.device) for k in self._ids],
                           like=torch.zeros((), dtype=torch.int64, device=self.c.device))
-        new = comm.gather([r.extras["c"] for r in results], like=self.c)
+        new = comm.gather(self._new, like=self.c)
         self.c.add_(self.commit_control_variates([int(k) for k in ids], new),
-                    alpha=1.0 / self.config.num_clients)  # (|S|/N) · mean(Δc)
+                    alpha=1.0 / self.num_clients)  # (|S|/N) · mean(Δc)
+        self._ids, self._new = [], []
         return stats
 
     def commit_control_variates(self, client_ids: list[int], new: list[Tensor]) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedsim.algorithms import ALGORITHMS, BASE, REGISTRY, build_algorithm, plain_name
-from fedsim.client import ClientTrainer
+from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config, ConfigError
 from fedsim.loop import Simulation, load_data, play_round, run_experiment
 from fedsim.server import Server
@@ -50,6 +50,17 @@ def _data():
 
 
 DATA = _data()
+
+
+@pytest.fixture(autouse=True, params=["cohort", "sequential"])
+def engine(request, monkeypatch):
+    """Every test runs on both engines."""
+    monkeypatch.setattr(Engine, "name", request.param)
+    return request.param
+
+
+class Engine:
+    name = "cohort"
 
 
 @pytest.fixture(autouse=True)
@@ -108,11 +119,12 @@ def make(name, **settings):
     """(algorithm, server, trainer) on TinyNet: 3 clients, 2 local full-batch steps at lr 0.1."""
     settings = {"num_clients": 3, "clients_per_round": 2, "model": "mlp", "lr": LR, "local_steps": 2,
                 "batch_size": 64, "seeds": (0,), "algorithms": (name,), **settings}
-    config = Config(**settings)
+    config = Config(**settings, engine=Engine.name)
     torch.manual_seed(0)
     model = TinyNet()
-    trainer = ClientTrainer(copy.deepcopy(model), lr=config.lr, batch_size=config.batch_size,
-                            local_epochs=1, local_steps=config.local_steps)
+    trainer = build_trainer(config.engine, copy.deepcopy(model), ClientData(DATA), lr=config.lr,
+                            batch_size=config.batch_size, local_epochs=1,
+                            local_steps=config.local_steps, cohort_size=3)
     algorithm = build_algorithm(name, config)
     server = Server(model, config, masked=algorithm.masked, optimizer=algorithm.server_optimizer)
     algorithm.setup(server)
@@ -120,7 +132,7 @@ def make(name, **settings):
 
 
 def play(algorithm, server, trainer, ids=(0, 1)):
-    return play_round(algorithm, server, trainer, [(k, *DATA[k]) for k in ids], seed=0, round_=1)
+    return play_round(algorithm, server, trainer, list(ids), seed=0, round_=1)
 
 
 def w0():

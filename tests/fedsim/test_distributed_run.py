@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fedsim.algorithms import ClientContext
+from fedsim.algorithms import Round
 from fedsim.checkpoint import CHECKPOINT_FILE
 from fedsim.client import client_generator
 from fedsim.config import Config
@@ -138,19 +138,28 @@ def test_client_generator_is_a_function_of_seed_round_and_client():
     assert not torch.equal(perm(0, 1, 2), perm(1, 1, 2))
 
 
-def test_a_client_trains_the_same_whoever_trained_before_it(tiny):
-    config = Config(**tiny)
+@pytest.mark.parametrize("engine", ["sequential", "cohort"])
+def test_a_client_trains_the_same_whoever_trains_with_it(tiny, engine):
+    """Client 2's update alone, after others, and among others in one cohort: the same (bit for
+    bit one after another; to float32 rounding in a batched cohort)."""
+    config = Config(**tiny, engine=engine)
     sim = Simulation(config, load_data(config, 0), "fedavg", 0)
 
-    def train(k: int):
-        x, y = sim.data.clients[k]
-        sim.trainer.reset(sim.server.params)
-        ctx = ClientContext(k, x, y, sim.server.params, sim.trainer, client_generator(0, 1, k))
-        return sim.algorithm.local_train(ctx).update
+    def train(ids: list[int]) -> torch.Tensor:
+        """The last client's update."""
+        rnd = Round(sim.server, sim.trainer, sim.trainer.data, [ids], 0, 1)
+        cohort = rnd.cohort(ids)
+        sim.algorithm.local_train(rnd, cohort)
+        return cohort.updates()[-1].clone()
 
-    alone = train(2)
-    train(0), train(1)
-    assert torch.equal(train(2), alone)
+    alone = train([2])
+    train([0]), train([1])
+    assert torch.equal(train([2]), alone)
+    together = train([0, 1, 2])
+    if engine == "sequential":
+        assert torch.equal(together, alone)
+    else:
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- across processes

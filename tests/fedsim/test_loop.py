@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fedsim.algorithms import ClientContext
-from fedsim.client import ClientTrainer, client_generator
+from fedsim.algorithms import Round
+from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config
 from fedsim.loop import Simulation, load_data, run_experiment
 from fedsim.models import build_model
@@ -55,9 +55,10 @@ def test_dataset_without_ood_set(tmp_path, tiny):
 
 
 def test_models_are_views_of_the_flat_buffers(tiny):
-    config = Config(**tiny)
+    config = Config(**tiny, engine="sequential")
     sim = Simulation(config, load_data(config, 0), "fedgma", 0)
-    for model, flat in ((sim.server.model, sim.server.params), (sim.trainer.model, sim.trainer.params)):
+    for model, flat in ((sim.server.model, sim.server.params),
+                        (sim.trainer.model, sim.trainer.flat.buffer)):
         for p in model.parameters():
             assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     for p in sim.trainer.model.parameters():
@@ -69,33 +70,60 @@ def test_models_are_views_of_the_flat_buffers(tiny):
                for p in sim.trainer.model.parameters())  # autograd kept writing into the views
 
 
-def _trainer(**kwargs) -> ClientTrainer:
+def test_a_cohort_is_rows_of_one_matrix_reused_round_after_round(tiny):
+    sim = Simulation(Config(**tiny, engine="cohort"), load_data(Config(**tiny), 0), "fedavg", 0)
+    rnd = Round(sim.server, sim.trainer, sim.trainer.data, [[0, 2]], 0, 1)
+    cohort = rnd.cohort([0, 2])
+    assert cohort.params.shape == (2, sim.server.params.numel())
+    assert torch.equal(cohort.params, sim.server.params.expand(2, -1))
+    views = sim.trainer._views(cohort.params)
+    assert all(v.untyped_storage().data_ptr() == cohort.params.untyped_storage().data_ptr()
+               for v in views.values())
+    assert [tuple(v.shape[1:]) for v in views.values()] == \
+           [tuple(p.shape) for p in sim.server.model.parameters()]
+    sim.algorithm.local_train(rnd, cohort)
+    trained = cohort.params.clone()
+    updates = cohort.updates()
+    assert updates.data_ptr() == cohort.params.data_ptr()  # made in place
+    torch.testing.assert_close(updates, trained - sim.server.params)
+    assert cohort.updates() is updates  # once only
+    assert rnd.cohort([1]).params.data_ptr() == cohort.params.data_ptr()  # the same buffer
+
+
+def _trainer(engine: str, x, y, **kwargs):
     torch.manual_seed(0)
-    return ClientTrainer(build_model("mlp", (1, 4, 4), 3), lr=0.1, batch_size=8, **kwargs)
+    return build_trainer(engine, build_model("mlp", (1, 4, 4), 3), ClientData([(x, y)]), lr=0.1,
+                         batch_size=8, cohort_size=1, **kwargs)
 
 
+@pytest.mark.parametrize("engine", ["cohort", "sequential"])
 @pytest.mark.parametrize("kwargs, steps", [({"local_epochs": 2}, 2 * 3),  # 20 examples, batch 8
                                            ({"local_epochs": 1, "local_steps": 7}, 7)])
-def test_local_training_runs_the_right_number_of_steps(kwargs, steps):
-    trainer = _trainer(**kwargs)
+def test_local_training_runs_the_right_number_of_steps(engine, kwargs, steps):
     x, y = torch.rand(20, 1, 4, 4), torch.randint(0, 3, (20,))
+    trainer = _trainer(engine, x, y, **kwargs)
     calls = []
-    loss = trainer.train(x, y, torch.Generator().manual_seed(0), grad_hook=lambda g: calls.append(g))
-    assert len(calls) == steps and all(g is trainer.grad for g in calls)
-    assert loss.dim() == 0 and loss > 0
+    w = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    cohort = trainer.cohort([0], w, [torch.Generator().manual_seed(0)])
+    loss = trainer.train(cohort, hook=lambda g, p, rows: calls.append(g.shape))
+    assert calls == [(1, w.numel())] * steps and cohort.steps == [steps]
+    assert loss.shape == (1,) and loss[0] > 0
 
 
-def test_local_sgd_step_matches_torch_sgd():
-    trainer = _trainer(local_epochs=1, weight_decay=0.01)
+@pytest.mark.parametrize("engine", ["cohort", "sequential"])
+def test_local_sgd_step_matches_torch_sgd(engine):
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    trainer = _trainer(engine, x, y, local_epochs=1, weight_decay=0.01)
     reference = build_model("mlp", (1, 4, 4), 3)
     reference.load_state_dict(trainer.model.state_dict())
-    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
-    trainer.train(x, y, torch.Generator().manual_seed(0))  # one batch: order does not matter
+    w = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    cohort = trainer.cohort([0], w, [torch.Generator().manual_seed(0)])
+    trainer.train(cohort)  # one batch: order does not matter
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, weight_decay=0.01)
     torch.nn.functional.cross_entropy(reference(x), y).backward()
     opt.step()
-    for a, b in zip(trainer.model.parameters(), reference.parameters()):
-        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(cohort.params[0],
+                               torch.cat([p.detach().flatten() for p in reference.parameters()]))
 
 
 def test_fedavg_server_step_is_the_weighted_mean_of_updates(tiny):
@@ -107,17 +135,6 @@ def test_fedavg_server_step_is_the_weighted_mean_of_updates(tiny):
     expected = w + 0.5 * (1 * updates[0] + 2 * updates[1] + 5 * updates[2]) / 8
     torch.testing.assert_close(server.params, expected)
     assert float(stats.density) == 1.0
-
-
-def test_client_context_update_is_trained_minus_global(tiny):
-    config = Config(**tiny)
-    sim = Simulation(config, load_data(config, 0), "fedavg", 0)
-    x, y = sim.data.clients[0]
-    ctx = ClientContext(0, x, y, sim.server.params, sim.trainer, client_generator(0, 1, 0))
-    sim.trainer.reset(sim.server.params)
-    result = sim.algorithm.local_train(ctx)
-    assert result.weight == len(y) and result.client_id == 0
-    torch.testing.assert_close(sim.server.params + result.update, sim.trainer.params)
 
 
 def test_simulation_state_restores_an_exact_continuation(tmp_path, tiny):
