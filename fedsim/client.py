@@ -118,61 +118,74 @@ class Plan:
 
 def shuffled_plan(data: ClientData, ids: Sequence[int], generators: Sequence[torch.Generator],
                   batch_size: int, steps: Sequence[int]) -> Plan:
-    """Client ``ids[k]`` takes ``steps[k]`` batches of its examples, one permutation drawn from
-    ``generators[k]`` per pass (as many passes as the steps need), each pass cut into batches of
+    """Client ``ids[j]`` takes ``steps[j]`` batches of its examples, one permutation drawn from
+    ``generators[j]`` per pass (as many passes as the steps need), each pass cut into batches of
     ``batch_size`` with a short last one."""
-    rows = []
-    for k, gen, count in zip(ids, generators, steps):
+    perms, pieces = [], []
+    for j, (k, gen, count) in enumerate(zip(ids, generators, steps)):
         n = data.sizes[k]
-        per_pass = math.ceil(n / batch_size)
-        passes = math.ceil(count / per_pass)
-        block = torch.full((passes, per_pass * batch_size), -1, dtype=torch.int64, device=data.device)
-        for p in range(passes):
-            block[p, :n] = torch.randperm(n, generator=gen, device=gen.device)
-        rows.append(block.view(-1, batch_size)[:count])
-    return _plan(data, ids, rows, steps)
+        passes = math.ceil(count / math.ceil(n / batch_size))
+        perms += [torch.randperm(n, generator=gen, device=gen.device) for _ in range(passes)]
+        pieces.append((j, n, passes, count))
+    return _plan(data, ids, torch.cat(perms), pieces, batch_size, steps)
 
 
 def full_pass_plan(data: ClientData, ids: Sequence[int], chunk: int) -> Plan:
     """Every example of every client once, in order, in chunks of ``chunk``, each example
     weighted ``1/n_k``: the weighted sum is client k's mean loss over all its data."""
-    rows, steps = [], []
-    for k in ids:
-        n = data.sizes[k]
-        count = math.ceil(n / chunk)
-        block = torch.full((count * chunk,), -1, dtype=torch.int64, device=data.device)
-        block[:n] = torch.arange(n, device=data.device)
-        rows.append(block.view(count, chunk))
-        steps.append(count)
-    return _plan(data, ids, rows, steps, over_client=True)
+    sizes = [data.sizes[k] for k in ids]
+    steps = [math.ceil(n / chunk) for n in sizes]
+    order = torch.cat([torch.arange(n, device=data.device) for n in sizes])
+    pieces = [(j, n, 1, count) for j, (n, count) in enumerate(zip(sizes, steps))]
+    return _plan(data, ids, order, pieces, chunk, steps, over_client=True)
 
 
-def _plan(data: ClientData, ids: Sequence[int], rows: list[Tensor], steps: Sequence[int], *,
-          over_client: bool = False) -> Plan:
-    """Stack per-client ``[steps_k, B]`` local positions (-1: padding) into a ``Plan``; each
-    example weighs ``1/b`` (its batch's mean) or, ``over_client``, ``1/n_k`` (the client's)."""
-    width = rows[0].shape[1]
-    index = torch.full((max(steps), len(ids), width), -1, dtype=torch.int64, device=data.device)
-    for j, (k, block) in enumerate(zip(ids, rows)):
-        index[: len(block), j] = torch.where(block >= 0, block + data.offsets[k], -1)
-    valid = index >= 0
-    count = valid.sum(-1)
-    width = max(1, int(count.max()))  # no step is wider than its widest real batch
-    index, valid = index[..., :width], valid[..., :width]
+def _plan(data: ClientData, ids: Sequence[int], order: Tensor, pieces: list[tuple[int, int, int, int]],
+          batch_size: int, steps: Sequence[int], *, over_client: bool = False) -> Plan:
+    """The ``Plan`` of clients whose examples come in ``order`` (local positions): piece
+    ``(j, n, passes, count)`` is client ``ids[j]``'s ``passes`` passes over its ``n``
+    examples, cut into batches of ``batch_size``, of which it takes the first ``count``. The
+    layout is worked out on the host (NumPy) and applied with one scatter. Each example weighs
+    ``1/b`` (its batch's mean) or, ``over_client``, ``1/n_k`` (its client's)."""
+    c, total = len(ids), max(steps)
+    width = min(batch_size, max(n for _, n, _, _ in pieces))
+    counts = np.zeros((total, c), dtype=np.int64)
+    take, dest, offset = [], [], []
+    start = 0
+    for j, n, passes, count in pieces:
+        per_pass = math.ceil(n / batch_size)
+        i = np.arange(passes * n)
+        step = (i // n) * per_pass + (i % n) // batch_size
+        keep = step < count
+        take.append(start + i[keep])
+        dest.append((step[keep] * c + j) * width + (i[keep] % n) % batch_size)
+        offset.append(np.full(int(keep.sum()), data.offsets[ids[j]]))
+        np.add.at(counts[:, j], step[keep], 1)
+        start += passes * n
+    device = data.device
+    take_t, dest_t, offset_t = (torch.from_numpy(np.concatenate(a)).to(device)
+                                for a in (take, dest, offset))
+    index = torch.zeros(total * c * width, dtype=torch.int64, device=device)
+    index[dest_t] = order[take_t] + offset_t
+    valid = torch.zeros(total * c * width, dtype=torch.bool, device=device)
+    valid[dest_t] = True
+    valid = valid.view(total, c, width)
     if over_client:
-        sizes = torch.tensor([data.sizes[k] for k in ids], device=data.device)
-        weight = valid / sizes[:, None]
+        per = 1.0 / np.asarray([n for _, n, _, _ in pieces], dtype=np.float64)[None, :].repeat(total, 0)
     else:
-        weight = valid / count.clamp(min=1)[..., None]
-    return Plan(index.clamp_(min=0), weight.float(), count > 0, list(steps), count.tolist())
+        per = 1.0 / np.maximum(counts, 1)
+    weight = valid * torch.from_numpy(per.astype(np.float32)).to(device)[..., None]
+    return Plan(index.view(total, c, width), weight, torch.from_numpy(counts > 0).to(device),
+                list(steps), counts.tolist())
 
 
 @dataclass
 class Cohort:
     """Clients ``ids`` of one round trained together from the global parameters
     ``global_params`` (``w``, read only): ``params`` (``[C, N]``, row k client ``ids[k]``)
-    starts at ``w``; after local training ``grads`` holds each client's last step's gradient
-    (hooks included) and ``steps[k]`` the steps it took. ``generators[k]`` shuffles client
+    starts at ``w``; after local training ``steps[k]`` is the steps client k took and, when
+    asked for (``train(last_gradient=True)``), ``grads`` holds its last step's gradient
+    (hooks included). ``generators[k]`` shuffles client
     ``ids[k]``'s batches."""
 
     ids: list[int]
@@ -225,16 +238,18 @@ class Trainer:
         return Cohort(list(ids), [self.data.sizes[k] for k in ids], global_params, params,
                       self._grads[:c], list(generators))
 
-    def train(self, cohort: Cohort, hook: GradHook | None = None, *,
-              steps: int | None = None) -> Tensor:
+    def train(self, cohort: Cohort, hook: GradHook | None = None, *, steps: int | None = None,
+              last_gradient: bool = False) -> Tensor:
         """Local SGD of every client of ``cohort`` from its ``params`` (``steps`` overrides the
-        configured steps); returns each client's mean loss over its steps (``[C]``)."""
+        configured steps); returns each client's mean loss over its steps (``[C]``).
+        ``last_gradient``: leave each client's last step's gradient (hook included) in
+        ``grads`` (else ``grads`` is scratch space)."""
         counts = [steps or local_steps_of(n, self.batch_size, self.local_epochs, self.local_steps)
                   for n in cohort.sizes]
         plan = shuffled_plan(self.data, cohort.ids, cohort.generators, self.batch_size, counts)
         cohort.steps = counts
         self.model.train()
-        return self._descend(cohort, plan, hook)
+        return self._descend(cohort, plan, hook, last_gradient)
 
     def full_gradient(self, cohort: Cohort, chunk: int = 1024) -> Tensor:
         """``∇f_k`` at ``params`` over all of each client's data (mean loss, weight decay
@@ -247,7 +262,8 @@ class Trainer:
             cohort.grads.add_(cohort.params, alpha=self.weight_decay)
         return cohort.grads
 
-    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None) -> Tensor:
+    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
+                 last_gradient: bool) -> Tensor:
         raise NotImplementedError
 
     def _accumulate(self, cohort: Cohort, plan: Plan) -> None:
@@ -285,26 +301,41 @@ class CohortTrainer(Trainer):
             warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
             return torch.autograd.grad(losses.sum(), list(leaves.values()))
 
-    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None) -> Tensor:
-        """The local steps. A step that every client takes works on ``grads`` in place; a step
-        some clients sit out works on a scratch matrix and keeps their rows of ``grads``
-        (their last step's gradient) and of ``params`` as they are."""
+    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
+                 last_gradient: bool) -> Tensor:
+        """The local steps. A step that every client takes, with no hook, steps each model
+        tensor from its fresh gradient and writes ``grads`` only where it is some client's last
+        step (``last_gradient``); with a hook it works on ``grads`` in place. A step some clients sit out works on
+        a scratch matrix and keeps their rows of ``grads`` (their last step's gradient) and of
+        ``params`` as they are."""
         leaves = self._leaves(cohort)
         params, grads, rows = cohort.params, cohort.grads, slice(None)
+        param_views, grad_views = list(leaves.values()), list(self._views(grads).values())
         scratch = None
         total = torch.zeros(len(cohort), device=params.device)
         everyone = [all(a) for a in plan.active.tolist()]
+        last = {n - 1 for n in plan.steps} if last_gradient else set()
         rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
         for s in range(plan.index.shape[0]):
             losses = self._losses(leaves, plan.index[s], plan.weight[s])
-            if everyone[s]:
-                target = grads
-            else:
-                scratch = torch.empty_like(grads) if scratch is None else scratch
-                target = scratch
-            for view, g in zip(self._views(target).values(), self._gradients(leaves, losses)):
-                view.copy_(g)
+            fresh = self._gradients(leaves, losses)
             with torch.no_grad():
+                if everyone[s] and hook is None:
+                    for p, g, view in zip(param_views, fresh, grad_views):
+                        if self.weight_decay:
+                            g.add_(p, alpha=self.weight_decay)
+                        if s in last:
+                            view.copy_(g)
+                        p.add_(g, alpha=-self.lr)
+                    total.add_(losses.detach())
+                    continue
+                if everyone[s]:
+                    target = grads
+                else:
+                    scratch = torch.empty_like(grads) if scratch is None else scratch
+                    target = scratch
+                for view, g in zip(self._views(target).values(), fresh):
+                    view.copy_(g)
                 if self.weight_decay:
                     target.add_(params, alpha=self.weight_decay)
                 if hook is not None:
@@ -344,7 +375,8 @@ class SequentialTrainer(Trainer):
         return [(self.data.x[plan.index[s, j, :b]], self.data.y[plan.index[s, j, :b]])
                 for s, b in enumerate(row[j] for row in plan.counts) if b]
 
-    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None) -> Tensor:
+    def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
+                 last_gradient: bool) -> Tensor:
         losses = []
         for j in range(len(cohort)):
             rows = slice(j, j + 1)
@@ -362,7 +394,8 @@ class SequentialTrainer(Trainer):
                     self.flat.buffer.add_(self.grad, alpha=-self.lr)
                 total += loss.detach()
             cohort.params[j].copy_(self.flat.buffer)
-            cohort.grads[j].copy_(self.grad)
+            if last_gradient:
+                cohort.grads[j].copy_(self.grad)
             losses.append(total / plan.steps[j])
         return torch.stack(losses)
 

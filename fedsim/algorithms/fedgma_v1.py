@@ -19,6 +19,8 @@ The round's reported mask statistics are those of the gradient mask. Across rank
 """
 from __future__ import annotations
 
+from torch import Tensor
+
 from gma_kernels import GMAStats, MaskConfig
 
 from ..client import Cohort
@@ -37,6 +39,9 @@ class FedGMAv1(Algorithm):
     def begin_round(self, rnd: Round) -> None:
         super().begin_round(rnd)
         self._grads = rnd.server.aggregation(len(rnd.chunks), MaskConfig(self.p, "hard"))
+
+    def local_train(self, rnd: Round, cohort: Cohort) -> Tensor:
+        return rnd.trainer.train(cohort, last_gradient=True)
 
     def collect(self, rnd: Round, cohort: Cohort) -> None:
         super().collect(rnd, cohort)

@@ -4,6 +4,7 @@ Every source returns float32 images ``[n, C, H, W]`` scaled to [0, 1] and int64 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -55,9 +56,11 @@ def load_source(
     raise ValueError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
 
 
+@functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(images [1797, 8, 8] in 0..16, labels) read straight from the file scikit-learn ships
-    (``sklearn/datasets/data/digits.csv.gz``), without importing scikit-learn (~2 s)."""
+    (``sklearn/datasets/data/digits.csv.gz``), without importing scikit-learn (~2 s); read
+    once per process (the callers copy them)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default dataset ships with scikit-learn: "
