@@ -303,17 +303,17 @@ class CohortTrainer(Trainer):
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
                  last_gradient: bool) -> Tensor:
-        """The local steps. A step that every client takes, with no hook, steps each model
-        tensor from its fresh gradient and writes ``grads`` only where it is some client's last
-        step (``last_gradient``); with a hook it works on ``grads`` in place. A step some clients sit out works on
-        a scratch matrix and keeps their rows of ``grads`` (their last step's gradient) and of
-        ``params`` as they are."""
+        """The local steps. A step that every client takes steps each model tensor from its
+        fresh gradient (no hook; ``grads`` is written only at some client's last step, and
+        only for ``last_gradient``) or works on ``grads`` in place (a hook). A step some
+        clients sit out works on a scratch matrix and keeps their rows of ``grads`` (their last
+        step's gradient) and of ``params`` as they are."""
         leaves = self._leaves(cohort)
         params, grads, rows = cohort.params, cohort.grads, slice(None)
         param_views, grad_views = list(leaves.values()), list(self._views(grads).values())
         scratch = None
         total = torch.zeros(len(cohort), device=params.device)
-        everyone = [all(a) for a in plan.active.tolist()]
+        everyone = [all(row) for row in plan.counts]  # host numbers: no device sync
         last = {n - 1 for n in plan.steps} if last_gradient else set()
         rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
         for s in range(plan.index.shape[0]):
@@ -409,11 +409,26 @@ class SequentialTrainer(Trainer):
             cohort.grads[j].copy_(self.grad)
 
 
+def resolve_engine(engine: str, model: nn.Module, input_shape: tuple[int, ...],
+                   device: torch.device) -> str:
+    """The engine ``auto`` stands for: the cohort engine, except on a CPU for a model with
+    convolutions on inputs of 16×16 or more, where a batched cohort's grouped convolutions are
+    slower than one client's at a time (28×28 CNN, 2-core CPU: 1.5× slower;
+    ``benchmarks/results/simulators-cpu.md``)."""
+    if engine != "auto":
+        return engine
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if device.type == "cpu" and convolutional and min(input_shape[-2:]) >= 16:
+        return "sequential"
+    return "cohort"
+
+
 def build_trainer(engine: str, model: nn.Module, data: ClientData, **settings) -> Trainer:
-    """The trainer of ``engine`` (``auto`` is the cohort engine) on ``model`` (a copy the
+    """The trainer of ``engine`` (``cohort`` or ``sequential``) on ``model`` (a copy the
     trainer owns) and the clients' ``data``."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    if engine not in ("cohort", "sequential"):
+        raise ValueError(f"unknown engine {engine!r}; valid: cohort, sequential "
+                         "(resolve_engine turns auto into one of them)")
     cls = SequentialTrainer if engine == "sequential" else CohortTrainer
     return cls(model, data, **settings)
 

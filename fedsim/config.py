@@ -63,7 +63,8 @@ class Config:
     lr: float = _setting(0.2, "local SGD learning rate")
     weight_decay: float = _setting(0.0, "local L2 weight decay")
     engine: str = _setting("auto", "how a round's clients train: cohort (together, as one batched "
-                           "model), sequential (one after another), auto (cohort)", ENGINES)
+                           "model), sequential (one after another), auto (cohort, except on a "
+                           "CPU for convolutional models on inputs of 16x16 or more)", ENGINES)
     cohort_size: int = _setting(0, "most clients trained together; a larger round trains in "
                                 "consecutive cohorts. Memory grows linearly with it: about "
                                 "5 x 4 bytes per parameter plus 3 batches of activations per "

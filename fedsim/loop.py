@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, Round, build_algorithm
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .client import ClientData, build_trainer, estimate_client_bytes
+from .client import ClientData, build_trainer, estimate_client_bytes, resolve_engine
 from .config import Config
 from .data import FederatedDataset, load_federated
 from .distributed import Collective, current_collective
@@ -56,8 +56,9 @@ class Simulation:
         share = len(self.comm.shard(range(config.clients_per_round)))
         self.cohort_size = config.cohort_size or auto_cohort_size(
             model, data.input_shape, config.batch_size, device, max(1, share))
+        self.engine = resolve_engine(config.engine, model, data.input_shape, device)
         self.trainer = build_trainer(
-            config.engine, copy.deepcopy(model), ClientData(data.clients), lr=config.lr,
+            self.engine, copy.deepcopy(model), ClientData(data.clients), lr=config.lr,
             batch_size=config.batch_size, local_epochs=config.local_epochs,
             local_steps=config.local_steps, weight_decay=config.weight_decay,
             cohort_size=self.cohort_size)

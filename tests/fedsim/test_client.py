@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from fedsim.algorithms import ALGORITHMS
 from fedsim.client import (ClientData, client_generator, full_pass_plan, local_steps_of,
-                           shuffled_plan)
+                           resolve_engine, shuffled_plan)
 from fedsim.config import Config
 from fedsim.loop import Simulation, load_data, run_experiment
+from fedsim.models import build_model
 from fedsim.server import Aggregation
 
 #: 6 clients of unequal sizes (dirichlet), 4 per round, local epochs: clients take different
@@ -186,3 +187,15 @@ def test_a_thousand_clients_a_round_in_bounded_cohorts(tmp_path):
 def test_auto_cohort_size_trains_the_whole_round_together_when_it_fits(tiny):
     config = Config(**tiny)
     assert Simulation(config, load_data(config, 0), "fedavg", 0).cohort_size == tiny["clients_per_round"]
+
+
+def test_auto_engine_is_the_cohort_except_large_convolutions_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name, shape, on_cpu, on_cuda in (("mlp", (1, 28, 28), "cohort", "cohort"),
+                                         ("cnn", (1, 8, 8), "cohort", "cohort"),
+                                         ("cnn", (2, 28, 28), "sequential", "cohort"),
+                                         ("resnet", (3, 32, 32), "sequential", "cohort")):
+        model = build_model(name, shape, 2)
+        assert resolve_engine("auto", model, shape, cpu) == on_cpu
+        assert resolve_engine("auto", model, shape, cuda) == on_cuda
+        assert resolve_engine("cohort", model, shape, cpu) == "cohort"
