@@ -187,5 +187,9 @@ def distributed_session(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    yield ProcessGroupCollective()
-    dist.destroy_process_group()  # after a clean run only: a failure may have broken the group
+    comm = ProcessGroupCollective()
+    yield comm
+    # after a clean run only (a failure may have broken the group): wait until every rank is
+    # done with the group, so that none tears its connections down under another's feet
+    comm.barrier()
+    dist.destroy_process_group()
