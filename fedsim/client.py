@@ -16,9 +16,10 @@ rounding on the same batches:
 Batches: client k's examples are shuffled by its own ``client_generator(seed, round, k)``, one
 permutation per pass over its data, cut into batches of ``batch_size`` (the last one short);
 it takes ``local_steps`` batches, or ``local_epochs`` passes. A cohort pads every batch to
-``batch_size`` with per-example weights ``1/b`` (``b``: the batch's real size) and 0 for the
-padding, and pads the clients that have fewer steps with steps of weight 0 that do not move
-them (``a_k = 0``; proximal terms and control variates included).
+the cohort's widest one (at most ``batch_size``) with per-example weights ``1/b`` (``b``: the
+batch's real size) and 0 for the padding, and pads the clients that have fewer steps with
+steps of weight 0 that do not move them (``a_k = 0``; proximal terms and control variates
+included).
 
 Memory of a cohort of C clients and N parameters: ``P`` and ``G`` (``2 C N`` floats), the
 step's gradients (``C N``) and the activations of ``C × batch_size`` examples

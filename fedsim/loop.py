@@ -117,8 +117,8 @@ def play_round(algorithm: Algorithm, server: Server, trainer: Trainer, clients: 
     comm = server.comm
     mine = comm.shard(list(clients))
     size = trainer.cohort_size
-    rnd = Round(server, trainer, trainer.data, [mine[i:i + size] for i in range(0, len(mine), size)],
-                seed, round_)
+    rnd = Round(server, trainer, [mine[i:i + size] for i in range(0, len(mine), size)], seed,
+                round_)
     algorithm.begin_round(rnd)
     losses = []
     for ids in rnd.chunks:

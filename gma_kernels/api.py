@@ -1,4 +1,4 @@
-"""The three public aggregation functions (SPEC section 2)."""
+"""The three public aggregation functions: ``agreement``, ``masked_mean`` and ``gma_step``."""
 from __future__ import annotations
 
 import torch

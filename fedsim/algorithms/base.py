@@ -38,7 +38,7 @@ weighted averaging, so the plain algorithm is reproduced bit for bit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from gma_kernels import GMAStats
 
-from ..client import ClientData, Cohort, client_generator
+from ..client import Cohort, client_generator
 
 if TYPE_CHECKING:
     from ..client import Trainer
@@ -55,26 +55,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class Round:
-    """One round on this rank: the server, the trainer, the clients' data, this rank's share
-    of the sampled clients in ``chunks`` of at most the cohort size, and the run's seed and
-    round number (which, with the client id, seed each client's shuffling)."""
+    """One round on this rank: the server, the trainer (which holds the clients' data), this
+    rank's share of the sampled clients in ``chunks`` of at most the cohort size, and the run's
+    seed and round number (which, with the client id, seed each client's shuffling)."""
 
     server: Server
     trainer: Trainer
-    data: ClientData
     chunks: list[list[int]]
     seed: int
     number: int
     updates: Aggregation | None = None
-    losses: list[Tensor] = field(default_factory=list)
-
-    @property
-    def ids(self) -> list[int]:
-        return [k for chunk in self.chunks for k in chunk]
 
     def cohort(self, ids: Sequence[int]) -> Cohort:
         """Clients ``ids`` ready to train from ``w``, each with its own shuffling generator."""
-        device = self.data.device
+        device = self.trainer.data.device
         gens = [client_generator(self.seed, self.number, k, device) for k in ids]
         return self.trainer.cohort(ids, self.server.params, gens)
 

@@ -65,7 +65,8 @@ class Scaffold(Algorithm):
 
     def local_train(self, rnd: Round, cohort: Cohort) -> Tensor:
         start = self.start
-        correction = self._client_variates(cohort.ids).neg_().add_(self.c)  # c − c_k, [C, M]
+        self._c_k = self._client_variates(cohort.ids)  # this cohort's c_k, [C, M]
+        correction = self.c - self._c_k
 
         def corrected(grads: Tensor, params: Tensor, rows: slice) -> None:
             grads[:, start:].add_(correction[rows])
@@ -77,7 +78,7 @@ class Scaffold(Algorithm):
         scale = torch.tensor(cohort.steps, dtype=self.c.dtype, device=self.c.device)
         scale = scale.mul_(-rnd.trainer.lr)[:, None]  # −K_s η_l: (w − y)/(K_s η_l) = Δy/scale
         c_new = updates[:, self.start:] / scale
-        c_new.sub_(self.c).add_(self._client_variates(cohort.ids))  # c_k⁺ = c_k − c + (w − y)/(K_s η_l)
+        c_new.sub_(self.c).add_(self._c_k)  # c_k⁺ = c_k − c + (w − y)/(K_s η_l)
         self._ids += cohort.ids
         # c_k⁺ travels instead of Δc: end_round forms Δc where c_k is kept; one row each, so
         # a stored c_k does not hold its cohort's whole matrix

@@ -147,7 +147,7 @@ def test_a_client_trains_the_same_whoever_trains_with_it(tiny, engine):
 
     def train(ids: list[int]) -> torch.Tensor:
         """The last client's update."""
-        rnd = Round(sim.server, sim.trainer, sim.trainer.data, [ids], 0, 1)
+        rnd = Round(sim.server, sim.trainer, [ids], 0, 1)
         cohort = rnd.cohort(ids)
         sim.algorithm.local_train(rnd, cohort)
         return cohort.updates()[-1].clone()

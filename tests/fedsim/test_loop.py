@@ -72,7 +72,7 @@ def test_models_are_views_of_the_flat_buffers(tiny):
 
 def test_a_cohort_is_rows_of_one_matrix_reused_round_after_round(tiny):
     sim = Simulation(Config(**tiny, engine="cohort"), load_data(Config(**tiny), 0), "fedavg", 0)
-    rnd = Round(sim.server, sim.trainer, sim.trainer.data, [[0, 2]], 0, 1)
+    rnd = Round(sim.server, sim.trainer, [[0, 2]], 0, 1)
     cohort = rnd.cohort([0, 2])
     assert cohort.params.shape == (2, sim.server.params.numel())
     assert torch.equal(cohort.params, sim.server.params.expand(2, -1))

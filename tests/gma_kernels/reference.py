@@ -1,4 +1,5 @@
-"""A float64 reference of SPEC section 1, written from the formulas alone (not from the package).
+"""A float64 reference of gradient masked averaging (the README's formula table), written
+from the formulas alone (not from the package).
 
 Every function takes the very values the package reads (low-precision updates are upcast to
 float64 without any other rounding) and computes in float64 on the CPU:
@@ -93,7 +94,8 @@ STATE_COUNT = {"sgd": 0, "momentum": 1, "adam": 2, "yogi": 2, "adagrad": 2}
 
 @dataclass
 class Optimizer:
-    """The server optimizer of SPEC section 1 on float64 copies of params and state."""
+    """The server optimizers (sgd, momentum, adam, yogi, adagrad) on float64 copies of params
+    and state."""
 
     params: Tensor
     kind: str = "sgd"

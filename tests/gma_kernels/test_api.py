@@ -371,7 +371,8 @@ def test_unchecked_skips_the_guard(backend):
 # -- defaults and helpers --------------------------------------------------------------------
 
 def test_defaults_are_the_journal_settings():
-    """τ = 0.4 with the soft mask, unweighted agreement, no rescale (SPEC section 1)."""
+    """τ = 0.4 with the soft mask, unweighted agreement, no rescale (the journal version's
+    published setting)."""
     updates, exact, w = make(50, 10, 3000)
     out = gk.masked_mean(updates, w, backend="torch")
     assert torch.equal(out, gk.masked_mean(updates, w, tau=0.4, mask="soft", backend="torch"))
