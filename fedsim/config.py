@@ -20,10 +20,10 @@ import torch
 
 from gma_kernels.config import MASK_KINDS, OPTIMIZER_KINDS, PLACEMENTS
 
-from .algorithms import ALGORITHM_ALIASES, ALGORITHMS, REGISTRY
 from .client import ENGINES
 from .data import DATASETS
 from .data.splits import SPLITS, check_split_args
+from .methods import ALGORITHMS, canonical, is_masked, server_optimizer_of
 from .models import MODELS, parameter_names
 
 if sys.version_info >= (3, 11):
@@ -127,7 +127,7 @@ class Config:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
         names = ALGORITHMS if self.algorithms == ("all",) else self.algorithms
-        object.__setattr__(self, "algorithms", tuple(ALGORITHM_ALIASES.get(a, a) for a in names))
+        object.__setattr__(self, "algorithms", tuple(canonical(a) for a in names))
         try:
             self._check()
         except ValueError as err:
@@ -178,8 +178,8 @@ class Config:
                              f"of model {self.model!r}; valid: {', '.join(names)}")
         if self.gma_rescale and self.gma_placement == "after":
             for name in self.algorithms:
-                kind = REGISTRY[name].server_optimizer or self.server_optimizer
-                if REGISTRY[name].masked and kind != "sgd":
+                kind = server_optimizer_of(name) or self.server_optimizer
+                if is_masked(name) and kind != "sgd":
                     raise ValueError("gma_rescale needs gma_placement='before' with a stateful "
                                      f"server optimizer ({kind!r}, algorithm {name!r})")
         self.torch_device()

@@ -25,6 +25,7 @@ from .config import Config
 from .data import FederatedDataset, load_federated
 from .distributed import Collective, current_collective
 from .io import atomic_save
+from .methods import is_masked, server_optimizer_of
 from .models import build_model
 from .report import COLUMNS, write_metrics
 from .server import Server
@@ -63,8 +64,8 @@ class Simulation:
             local_steps=config.local_steps, weight_decay=config.weight_decay,
             cohort_size=self.cohort_size)
         self.algorithm = build_algorithm(method, config)
-        self.server = Server(model, config, masked=self.algorithm.masked,
-                             optimizer=self.algorithm.server_optimizer, comm=self.comm)
+        self.server = Server(model, config, masked=is_masked(method),
+                             optimizer=server_optimizer_of(method), comm=self.comm)
         self.algorithm.setup(self.server)
         self.sampler = np.random.default_rng(seed)
         self.rounds_played = 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write
+from .methods import plain_name
 
 #: one metrics row per round per method per seed; evaluation columns are None between evaluations
 COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreement",
@@ -98,8 +99,6 @@ def format_gma_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown:
     """Each algorithm beside its GMA twin (``X`` and ``X+gma``; FedAvg and ``fedgma``): ID and
     OOD accuracy without and with GMA, and the communication per round (GMA is server side and
     costs none)."""
-    from .algorithms import plain_name
-
     pairs: dict[str, dict[str, str]] = {}
     for method in summary:
         plain = plain_name(method)

@@ -1,5 +1,6 @@
-"""Client algorithms, by name. A new one subclasses ``Algorithm`` and is listed in ``BASE``;
-its GMA twin ``<name>+gma`` is made by ``masked_variant`` (FedAvg's is called ``fedgma``).
+"""Client algorithms, by name (the names, and what a name fixes, are ``fedsim.methods``). A new
+one subclasses ``Algorithm`` and is listed in ``CLASSES`` and ``fedsim.methods.PLAIN``; its GMA
+twin ``<name>+gma`` runs the same class (the server masks the average).
 
 | name | what |
 | --- | --- |
@@ -9,19 +10,19 @@ its GMA twin ``<name>+gma`` is made by ``masked_variant`` (FedAvg's is called ``
 | fedpvr | SCAFFOLD's correction from ``fedpvr_start_layer`` on (Li et al. 2023) |
 | fedga | start from ``w − β (ḡ − g_k)`` after an extra gradient exchange (``fedga_beta``) |
 | gradalign | FedGA with one local step |
-| fedavgm, fedadam, fedyogi, fedadagrad | FedAvg clients, server optimizer momentum / adam / yogi / adagrad |
+| fedavgm, fedadam, fedyogi, fedadagrad | FedAvg clients, server optimizer momentum / adam / yogi / adagrad (Hsu et al. 2019; Reddi et al. 2021); the learning rate is ``momentum_server_lr`` or ``adaptive_server_lr`` when set, else ``server_lr`` |
 | fedgma-v1 | the workshop algorithm: FedAvg of parameters + hard-masked gradient step |
+| X+gma, fedgma | X with gradient masked averaging at the server (Tenison et al., TMLR 2023; ``gma_*`` settings) |
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Algorithm, Round, masked_variant
+from ..methods import PLAIN, plain_name
+from .base import Algorithm, Round
 from .fedavg import FedAvg
 from .fedga import FedGA
-from .fedgma import FedGMA
 from .fedgma_v1 import FedGMAv1
-from .fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from .fedprox import FedProx
 from .fedpvr import FedPVR
 from .gradalign import GradAlign
@@ -30,31 +31,22 @@ from .scaffold import Scaffold
 if TYPE_CHECKING:
     from ..config import Config
 
-#: the plain algorithms, in the order they are listed
-BASE: tuple[type[Algorithm], ...] = (FedAvg, FedProx, Scaffold, FedPVR, FedGA, GradAlign,
-                                     FedAvgM, FedAdam, FedYogi, FedAdagrad, FedGMAv1)
-REGISTRY: dict[str, type[Algorithm]] = {}
-for _cls in BASE:
-    REGISTRY[_cls.name] = _cls
-    _masked = FedGMA if _cls is FedAvg else masked_variant(_cls)
-    REGISTRY[_masked.name] = _masked
-ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)
-#: other accepted spellings, mapped to the registered name
-ALGORITHM_ALIASES: dict[str, str] = {"fedavg+gma": "fedgma"}
+#: each plain algorithm's class (its GMA twin runs the same class)
+CLASSES: dict[str, type[Algorithm]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "scaffold": Scaffold, "fedpvr": FedPVR, "fedga": FedGA,
+    "gradalign": GradAlign, "fedavgm": FedAvg, "fedadam": FedAvg, "fedyogi": FedAvg,
+    "fedadagrad": FedAvg, "fedgma-v1": FedGMAv1,
+}
+if CLASSES.keys() != PLAIN.keys():  # pragma: no cover - a new algorithm listed in one place only
+    raise ImportError(f"fedsim.algorithms.CLASSES and fedsim.methods.PLAIN list different names: "
+                      f"{sorted(CLASSES.keys() ^ PLAIN.keys())}")
 
 
 def build_algorithm(name: str, config: Config) -> Algorithm:
-    """The algorithm called ``name`` (one of ``ALGORITHMS``; ``Config`` has checked it), given
-    its own hyperparameters from ``config`` (``Algorithm.hyperparameters``)."""
-    cls = REGISTRY[ALGORITHM_ALIASES.get(name, name)]
+    """The algorithm called ``name`` (one of ``fedsim.methods.ALGORITHMS``; ``Config`` has
+    checked it), given its own hyperparameters from ``config`` (``Algorithm.hyperparameters``)."""
+    cls = CLASSES[plain_name(name)]
     return cls(**{key: getattr(config, setting) for key, setting in cls.hyperparameters.items()})
 
 
-def plain_name(name: str) -> str:
-    """The algorithm without GMA: ``scaffold+gma`` → ``scaffold``, ``fedgma`` → ``fedavg``."""
-    name = ALGORITHM_ALIASES.get(name, name)
-    return "fedavg" if name == "fedgma" else name.removesuffix("+gma")
-
-
-__all__ = ["ALGORITHMS", "ALGORITHM_ALIASES", "Algorithm", "REGISTRY", "Round", "build_algorithm",
-           "masked_variant", "plain_name"]
+__all__ = ["Algorithm", "CLASSES", "Round", "build_algorithm"]

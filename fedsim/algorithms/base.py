@@ -30,10 +30,11 @@ client's state (update it in ``end_round`` from what ``comm.gather`` returns).
 An algorithm gets its own hyperparameters as constructor keywords; ``hyperparameters`` maps
 each keyword to the ``Config`` setting it comes from (``build_algorithm`` reads them).
 
-Every algorithm has a GMA twin, ``<name>+gma`` (``masked_variant``): same clients, same uploads,
-but the server aggregates the model updates with gradient masked averaging (``gma_*``
-settings). Without GMA the server uses ``τ = 0``, which ``gma_kernels`` guarantees is exactly
-weighted averaging, so the plain algorithm is reproduced bit for bit.
+Every algorithm has a GMA twin, ``<name>+gma`` (``fedsim.methods``): the same class, so the same
+clients and uploads, but the server aggregates the model updates with gradient masked averaging
+(``gma_*`` settings). Without GMA the server uses ``τ = 0``, which ``gma_kernels`` guarantees is
+exactly weighted averaging, so the plain algorithm is reproduced bit for bit. Which server
+optimizer steps (FedAdam's adam) is also the name's business, not the class's.
 """
 from __future__ import annotations
 
@@ -76,18 +77,10 @@ class Round:
 class Algorithm:
     """Plain local SGD, upload ``Δ_k``, aggregate weighted by client size (FedAvg's behaviour).
 
-    Class attributes a subclass may set:
-
-    * ``masked``: aggregate with gradient masked averaging (``gma_*`` settings); else ``τ = 0``.
-    * ``server_optimizer``: the server optimizer kind this algorithm is defined by (FedAdam:
-      ``"adam"``); ``None`` uses the configured ``server_optimizer``.
-    * ``equal_weights``: aggregate with equal client weights (SCAFFOLD, FedPVR) instead of the
-      clients' example counts.
+    ``equal_weights`` (a class attribute a subclass may set): aggregate with equal client weights
+    (SCAFFOLD, FedPVR) instead of the clients' example counts.
     """
 
-    name: ClassVar[str]
-    masked: ClassVar[bool] = False
-    server_optimizer: ClassVar[str | None] = None
     equal_weights: ClassVar[bool] = False
     #: constructor keyword -> the Config setting it comes from
     hyperparameters: ClassVar[dict[str, str]] = {}
@@ -129,11 +122,3 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         self.client_state = state["client_state"]
 
-
-def masked_variant(cls: type[Algorithm], name: str | None = None) -> type[Algorithm]:
-    """``cls`` with GMA switched on, called ``<cls.name>+gma`` unless ``name`` is given."""
-    variant_name = name or f"{cls.name}+gma"
-    doc = f"{cls.name} with gradient masked averaging at the server (``{variant_name}``).\n\n" \
-          + (cls.__doc__ or "")
-    return type(f"{cls.__name__}GMA", (cls,), {"name": variant_name, "masked": True,
-                                                "__doc__": doc, "__module__": cls.__module__})

@@ -5,4 +5,5 @@ from .base import Algorithm
 
 
 class FedAvg(Algorithm):
-    name = "fedavg"
+    """The base behaviour, as is (``Algorithm``); also the client side of FedAvgM, FedAdam,
+    FedYogi and FedAdagrad, whose names fix the server optimizer (``fedsim.methods``)."""

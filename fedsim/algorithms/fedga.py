@@ -25,7 +25,6 @@ from .base import Algorithm, Round
 
 
 class FedGA(Algorithm):
-    name = "fedga"
     hyperparameters = {"beta": "fedga_beta"}
     #: local SGD steps (None: the configured local epochs / steps)
     local_steps: int | None = None

@@ -28,7 +28,6 @@ from .base import Algorithm, Round
 
 
 class FedGMAv1(Algorithm):
-    name = "fedgma-v1"
     hyperparameters = {"p": "fedgma_v1_p", "server_lr": "fedgma_v1_server_lr", "local_lr": "lr"}
 
     def __init__(self, p: float, server_lr: float | None, local_lr: float) -> None:

@@ -13,7 +13,6 @@ from .base import Algorithm, Round
 
 
 class FedProx(Algorithm):
-    name = "fedprox"
     hyperparameters = {"mu": "fedprox_mu"}
 
     def __init__(self, mu: float) -> None:

@@ -17,7 +17,6 @@ from .scaffold import Scaffold
 
 
 class FedPVR(Scaffold):
-    name = "fedpvr"
     equal_weights = True
     hyperparameters = {"num_clients": "num_clients", "start_layer": "fedpvr_start_layer"}
 

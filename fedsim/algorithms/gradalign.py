@@ -8,5 +8,4 @@ from .fedga import FedGA
 
 
 class GradAlign(FedGA):
-    name = "gradalign"
     local_steps = 1

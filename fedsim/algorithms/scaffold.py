@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 
 class Scaffold(Algorithm):
-    name = "scaffold"
     equal_weights = True
     hyperparameters = {"num_clients": "num_clients"}
 
@@ -121,5 +120,5 @@ class Scaffold(Algorithm):
                              for k, v in self.client_state.items()}
         if state["c"].shape != self.c.shape:
             raise ValueError(f"saved control variate has {state['c'].numel()} elements, "
-                             f"this {self.name} corrects {self.c.numel()}")
+                             f"this {type(self).__name__} corrects {self.c.numel()}")
         self.c.copy_(state["c"])

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.algorithms import ALGORITHMS, BASE, REGISTRY, build_algorithm, plain_name
+from fedsim.algorithms import CLASSES, build_algorithm
 from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config, ConfigError
 from fedsim.loop import Simulation, load_data, play_round, run_experiment
+from fedsim.methods import ALGORITHMS, PLAIN, is_masked, masked_name, plain_name, server_optimizer_of
 from fedsim.server import Server
 
 LR = 0.1
@@ -126,7 +127,7 @@ def make(name, **settings):
                             batch_size=config.batch_size, local_epochs=1,
                             local_steps=config.local_steps, cohort_size=3)
     algorithm = build_algorithm(name, config)
-    server = Server(model, config, masked=algorithm.masked, optimizer=algorithm.server_optimizer)
+    server = Server(model, config, masked=is_masked(name), optimizer=server_optimizer_of(name))
     algorithm.setup(server)
     return algorithm, server, trainer
 
@@ -276,7 +277,7 @@ def test_server_optimizers_by_hand(name):
         v = g * g if name == "fedadagrad" else (1 - b2) * g * g
         want = w + lr * (1 - b1) * g / (v.sqrt() + eps)
     close(server.params, want)
-    assert server.optimizer.step_config.kind == algorithm.server_optimizer
+    assert server.optimizer.step_config.kind == server_optimizer_of(name)
 
 
 def test_fedgma_v1_by_hand():
@@ -329,20 +330,19 @@ def test_fedgma_soft_mask_by_hand():
 
 # ---------------------------------------------------------------- GMA switch, names
 
-PLAIN = [cls.name for cls in BASE]
-
-
-def test_every_algorithm_has_a_gma_twin():
-    assert len(ALGORITHMS) == 2 * len(BASE)
+def test_every_algorithm_has_a_gma_twin_that_runs_its_class():
+    assert len(ALGORITHMS) == 2 * len(PLAIN) and CLASSES.keys() == PLAIN.keys()
     for name in PLAIN:
-        twin = "fedgma" if name == "fedavg" else f"{name}+gma"
-        assert REGISTRY[twin].masked and not REGISTRY[name].masked
-        assert issubclass(REGISTRY[twin], REGISTRY[name]) and plain_name(twin) == name
+        twin = masked_name(name)
+        assert twin in ALGORITHMS and is_masked(twin) and not is_masked(name)
+        assert plain_name(twin) == name and server_optimizer_of(twin) == server_optimizer_of(name)
+        assert type(build_algorithm(twin, Config())) is CLASSES[name]
+    assert masked_name("fedavg") == "fedgma" and plain_name("fedavg+gma") == "fedavg"
 
 
 @pytest.mark.parametrize("name", PLAIN)
 def test_gma_at_tau_zero_is_exactly_the_plain_algorithm(name):
-    twin = "fedgma" if name == "fedavg" else f"{name}+gma"
+    twin = masked_name(name)
     runs = []
     for method in (name, twin):
         algorithm, server, trainer = make(method, gma_tau=0.0, gma_mask="hard",
@@ -361,7 +361,7 @@ def test_gma_at_tau_zero_is_exactly_the_plain_algorithm(name):
 
 @pytest.mark.parametrize("name", [n for n in PLAIN if n != "fedgma-v1"])
 def test_gma_on_changes_the_aggregation(name):
-    twin = "fedgma" if name == "fedavg" else f"{name}+gma"
+    twin = masked_name(name)
     plain_run = make(name, gma_tau=1.0, gma_mask="hard", adaptive_server_lr=0.05)
     twin_run = make(twin, gma_tau=1.0, gma_mask="hard", adaptive_server_lr=0.05)
     m_plain, m_twin = play(*plain_run), play(*twin_run)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.algorithms import ALGORITHMS
+from fedsim.methods import ALGORITHMS
 from fedsim.client import (ClientData, client_generator, full_pass_plan, local_steps_of,
                            resolve_engine, shuffled_plan)
 from fedsim.config import Config
