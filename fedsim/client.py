@@ -6,10 +6,11 @@ its gradients another, ``G``. Two engines train it and give the same answer to f
 rounding on the same batches:
 
 * ``CohortTrainer`` (``--engine cohort``): each local step is one batched forward of every
-  client's batch (``torch.func.functional_call`` under ``torch.func.vmap`` over ``[C, B, ...]``
-  inputs), one backward of ``Σ_k L_k`` (client k's mean loss on its batch), which leaves every
-  client's gradient in ``G``, and one in-place SGD step ``P ← P − η (G ⊙ a)`` with ``a_k = 1``
-  while client k still has steps to take, else 0;
+  client's batch (``[C, B, ...]`` inputs; layer by layer, ``fedsim.batched``, for a chain of
+  common layers such as the MLP and the CNN, else ``torch.func.functional_call`` under
+  ``torch.func.vmap``), one backward of ``Σ_k L_k`` (client k's mean loss on its batch),
+  which leaves every client's gradient in ``G``, and one in-place SGD step
+  ``P ← P − η (G ⊙ a)`` with ``a_k = 1`` while client k still has steps to take, else 0;
 * ``SequentialTrainer`` (``--engine sequential``): the clients one after another on one
   reusable model (row k copied in, trained, copied out).
 
@@ -41,6 +42,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from gma_kernels import FlatLayout, FlatParams
+
+from .batched import chain_forward
 
 #: ``hook(grads, params, rows)``: may edit the gradients ``grads`` ([c, N], rows ``rows`` of
 #: the cohort, whose parameters are ``params``) before each local step
@@ -123,11 +126,11 @@ def shuffled_plan(data: ClientData, ids: Sequence[int], generators: Sequence[tor
     ``generators[j]`` per pass (as many passes as the steps need), each pass cut into batches of
     ``batch_size`` with a short last one."""
     perms, pieces = [], []
-    for j, (k, gen, count) in enumerate(zip(ids, generators, steps)):
+    for k, gen, count in zip(ids, generators, steps):
         n = data.sizes[k]
         passes = math.ceil(count / math.ceil(n / batch_size))
         perms += [torch.randperm(n, generator=gen, device=gen.device) for _ in range(passes)]
-        pieces.append((j, n, passes, count))
+        pieces.append((n, passes, count))
     return _plan(data, ids, torch.cat(perms), pieces, batch_size, steps)
 
 
@@ -137,42 +140,40 @@ def full_pass_plan(data: ClientData, ids: Sequence[int], chunk: int) -> Plan:
     sizes = [data.sizes[k] for k in ids]
     steps = [math.ceil(n / chunk) for n in sizes]
     order = torch.cat([torch.arange(n, device=data.device) for n in sizes])
-    pieces = [(j, n, 1, count) for j, (n, count) in enumerate(zip(sizes, steps))]
+    pieces = [(n, 1, count) for n, count in zip(sizes, steps)]
     return _plan(data, ids, order, pieces, chunk, steps, over_client=True)
 
 
-def _plan(data: ClientData, ids: Sequence[int], order: Tensor, pieces: list[tuple[int, int, int, int]],
+def _plan(data: ClientData, ids: Sequence[int], order: Tensor, pieces: list[tuple[int, int, int]],
           batch_size: int, steps: Sequence[int], *, over_client: bool = False) -> Plan:
     """The ``Plan`` of clients whose examples come in ``order`` (local positions): piece
-    ``(j, n, passes, count)`` is client ``ids[j]``'s ``passes`` passes over its ``n``
-    examples, cut into batches of ``batch_size``, of which it takes the first ``count``. The
-    layout is worked out on the host (NumPy) and applied with one scatter. Each example weighs
+    ``(n, passes, count)`` is client ``ids[j]``'s (the j-th piece) ``passes`` passes over its
+    ``n`` examples, cut into batches of ``batch_size``, of which it takes the first ``count``.
+    The layout is worked out on the host (NumPy, vectorized over the clients) and applied with
+    one scatter. Each example weighs
     ``1/b`` (its batch's mean) or, ``over_client``, ``1/n_k`` (its client's)."""
     c, total = len(ids), max(steps)
-    width = min(batch_size, max(n for _, n, _, _ in pieces))
-    counts = np.zeros((total, c), dtype=np.int64)
-    take, dest, offset = [], [], []
-    start = 0
-    for j, n, passes, count in pieces:
-        per_pass = math.ceil(n / batch_size)
-        i = np.arange(passes * n)
-        step = (i // n) * per_pass + (i % n) // batch_size
-        keep = step < count
-        take.append(start + i[keep])
-        dest.append((step[keep] * c + j) * width + (i[keep] % n) % batch_size)
-        offset.append(np.full(int(keep.sum()), data.offsets[ids[j]]))
-        np.add.at(counts[:, j], step[keep], 1)
-        start += passes * n
+    n, passes, count = (np.asarray(a, dtype=np.int64) for a in zip(*pieces))
+    width = min(batch_size, int(n.max()))
+    length = passes * n  # positions of each client in ``order``
+    owner = np.repeat(np.arange(c), length)  # the client (cohort row) of each position
+    i = np.arange(int(length.sum())) - (np.cumsum(length) - length)[owner]  # within the client
+    size = n[owner]
+    step = (i // size) * -(-size // batch_size) + (i % size) // batch_size  # pass, then batch
+    take = np.flatnonzero(step < count[owner])
+    owner, step = owner[take], step[take]
+    slot = (step * c + owner) * width + (i[take] % size[take]) % batch_size
+    offset = np.asarray(data.offsets, dtype=np.int64)[np.asarray(ids)][owner]
+    counts = np.bincount(step * c + owner, minlength=total * c).reshape(total, c)
     device = data.device
-    take_t, dest_t, offset_t = (torch.from_numpy(np.concatenate(a)).to(device)
-                                for a in (take, dest, offset))
+    take_t, slot_t, offset_t = (torch.from_numpy(a).to(device) for a in (take, slot, offset))
     index = torch.zeros(total * c * width, dtype=torch.int64, device=device)
-    index[dest_t] = order[take_t] + offset_t
+    index[slot_t] = order[take_t] + offset_t
     valid = torch.zeros(total * c * width, dtype=torch.bool, device=device)
-    valid[dest_t] = True
+    valid[slot_t] = True
     valid = valid.view(total, c, width)
     if over_client:
-        per = 1.0 / np.asarray([n for _, n, _, _ in pieces], dtype=np.float64)[None, :].repeat(total, 0)
+        per = np.broadcast_to(1.0 / n, (total, c))
     else:
         per = 1.0 / np.maximum(counts, 1)
     weight = valid * torch.from_numpy(per.astype(np.float32)).to(device)[..., None]
@@ -272,13 +273,14 @@ class Trainer:
 
 
 class CohortTrainer(Trainer):
-    """Trains a cohort as one batched model (``torch.func.vmap`` over the clients)."""
+    """Trains a cohort as one batched model (``fedsim.batched``, else ``torch.func.vmap`` over
+    the clients)."""
 
     def __init__(self, model: nn.Module, data: ClientData, **settings) -> None:
         super().__init__(model, data, **settings)
         for p in model.parameters():
             p.requires_grad_(False)  # the template: its own tensors are never trained
-        self._forward = vmap(lambda p, x: functional_call(model, p, (x,)))
+        self._forward = chain_forward(model) or vmap(lambda p, x: functional_call(model, p, (x,)))
 
     def _leaves(self, cohort: Cohort) -> dict[str, Tensor]:
         """The model's tensors as ``[C, *shape]`` views of ``params`` (autograd leaves)."""
@@ -414,7 +416,8 @@ def resolve_engine(engine: str, model: nn.Module, input_shape: tuple[int, ...],
                    device: torch.device) -> str:
     """The engine ``auto`` stands for: the cohort engine, except on a CPU for a model with
     convolutions on inputs of 16×16 or more, where a batched cohort's grouped convolutions are
-    slower than one client's at a time (28×28 CNN, 2-core CPU: 1.5× slower;
+    slower than one client's at a time (28×28 CNN, 2-core CPU, a round of 10 clients:
+    1.08× slower, of 100 clients: 1.76×;
     ``benchmarks/results/simulators-cpu.md``)."""
     if engine != "auto":
         return engine
