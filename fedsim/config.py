@@ -21,7 +21,8 @@ import torch
 from gma_kernels.config import MASK_KINDS, OPTIMIZER_KINDS, PLACEMENTS
 
 from .client import ENGINES
-from .data import DATASETS
+from .data import DATASETS, coloring_of
+from .data.coloring import CLIENT_FLIP_RANGE
 from .data.splits import SPLITS, check_split_args
 from .methods import ALGORITHMS, canonical, is_masked, server_optimizer_of
 from .models import MODELS, parameter_names
@@ -55,6 +56,17 @@ class Config:
     alpha: float = _setting(0.5, "Dirichlet concentration (split = dirichlet)")
     min_client_size: int = _setting(10, "fewest examples per client (split = dirichlet)")
     max_train: int | None = _setting(None, "keep at most this many training examples")
+    validation_fraction: float = _setting(0.0, "fraction of each client's examples held out as "
+                                          "an in-distribution validation set (val_acc), to "
+                                          "choose settings without the test sets")
+    label_noise: float = _setting(0.0, "binary colored datasets: each label flipped with this "
+                                  "probability before the color is drawn from it (every set)")
+    color_flip_range: tuple[float, ...] = _setting(CLIENT_FLIP_RANGE, "binary colored datasets: "
+                                                   "low,high of the clients' color-flip "
+                                                   "probabilities (uniform)")
+    reversed_color_fraction: float = _setting(0.0, "binary colored datasets: fraction of the "
+                                              "clients whose color rule is reversed (flip "
+                                              "probability 1 - p)")
     # model and local training
     model: str = _setting("cnn", "model architecture", MODELS)
     local_epochs: int = _setting(2, "local epochs per round (ignored when local_steps is set)")
@@ -142,6 +154,7 @@ class Config:
                         raise ValueError(f"{f.name}: unknown name {v!r}; valid: "
                                          f"{', '.join(f.metadata['choices'])}")
         check_split_args(self.split, self.num_clients, self.alpha)
+        self._check_data_options()
         if not 1 <= self.clients_per_round <= self.num_clients:
             raise ValueError(f"clients_per_round={self.clients_per_round} must be between 1 and "
                              f"num_clients={self.num_clients}")
@@ -183,6 +196,26 @@ class Config:
                     raise ValueError("gma_rescale needs gma_placement='before' with a stateful "
                                      f"server optimizer ({kind!r}, algorithm {name!r})")
         self.torch_device()
+
+    def _check_data_options(self) -> None:
+        _number("validation_fraction", self.validation_fraction, low=0.0)
+        if self.validation_fraction >= 1.0:
+            raise ValueError(f"validation_fraction must be < 1, got {self.validation_fraction}")
+        _number("label_noise", self.label_noise, low=0.0, high=1.0)
+        _number("reversed_color_fraction", self.reversed_color_fraction, low=0.0, high=1.0)
+        if len(self.color_flip_range) != 2:
+            raise ValueError(f"color_flip_range must be two numbers low,high, got "
+                             f"{self.color_flip_range}")
+        low, high = self.color_flip_range
+        _number("color_flip_range", low, low=0.0, high=1.0)
+        _number("color_flip_range", high, low=low, high=1.0)
+        changed = [name for name, default in (("label_noise", 0.0), ("reversed_color_fraction", 0.0),
+                                              ("color_flip_range", CLIENT_FLIP_RANGE))
+                   if getattr(self, name) != default]
+        if changed and coloring_of(self.dataset) != "binary":
+            raise ValueError(f"{', '.join(changed)} apply to the binary colored datasets only "
+                             f"(colored-digits, colored-mnist, colored-fashion-mnist), not "
+                             f"{self.dataset!r}")
 
     def torch_device(self) -> torch.device:
         """The device to run on ("auto": CUDA when available)."""

@@ -23,6 +23,7 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .client import ClientData, build_trainer, estimate_client_bytes, resolve_engine
 from .config import Config
 from .data import FederatedDataset, load_federated
+from .data.coloring import swap_colors
 from .distributed import Collective, current_collective
 from .io import atomic_save
 from .methods import is_masked, server_optimizer_of
@@ -84,11 +85,18 @@ class Simulation:
                           round_=self.rounds_played)
 
     def evaluate(self) -> dict[str, float | None]:
-        """Accuracy and loss of the global model in distribution and, if there is one, OOD."""
-        acc, loss = evaluate(self.server.model, *self.data.test)
-        ood_acc, ood_loss = evaluate(self.server.model, *self.data.ood_test) \
-            if self.data.ood_test is not None else (None, None)
-        return {"test_acc": acc, "test_loss": loss, "ood_acc": ood_acc, "ood_loss": ood_loss}
+        """Accuracy and loss of the global model on the validation set (if there is one), the
+        in-distribution test set and the OOD test set (if there is one); on binary colored data
+        the color reliance on the in-distribution test set (``color_reliance``)."""
+        model, data = self.server.model, self.data
+        none = (None, None)
+        val_acc, val_loss = evaluate(model, *data.validation) if data.validation is not None else none
+        acc, loss = evaluate(model, *data.test)
+        ood_acc, ood_loss = evaluate(model, *data.ood_test) if data.ood_test is not None else none
+        reliance = color_reliance(model, data.test[0]) \
+            if data.meta.get("coloring") == "binary" else None
+        return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": acc, "test_loss": loss,
+                "ood_acc": ood_acc, "ood_loss": ood_loss, "color_reliance": reliance}
 
     def state_dict(self) -> dict[str, Any]:
         return {"server": self.server.state_dict(), "algorithm": self.algorithm.state_dict(),
@@ -168,20 +176,35 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     return correct.item() / len(y), loss.item() / len(y)
 
 
+@torch.inference_mode()
+def color_reliance(model: nn.Module, x: Tensor) -> float:
+    """The fraction of binary-colored images ``x`` whose predicted class changes when only
+    their color is swapped (red and green exchanged): 0 for a model that reads the digit alone,
+    1 for one that reads the color alone."""
+    model.eval()
+    changed = torch.zeros((), dtype=torch.long, device=x.device)
+    for xb in x.split(EVAL_BATCH):
+        changed += (model(xb).argmax(1) != model(swap_colors(xb)).argmax(1)).sum()
+    return changed.item() / len(x)
+
+
 def load_data(config: Config, seed: int) -> FederatedDataset:
     """The federated dataset for ``seed``, moved to the run's device once; the clients'
     examples are consecutive views of one pair of tensors (``ClientData`` reads them in place)."""
     data = load_federated(config.dataset, num_clients=config.num_clients, split=config.split,
                           alpha=config.alpha, seed=seed, data_dir=config.data_dir,
                           download=config.download, min_client_size=config.min_client_size,
-                          max_train=config.max_train)
+                          max_train=config.max_train, validation_fraction=config.validation_fraction,
+                          label_noise=config.label_noise, color_flip_range=config.color_flip_range,
+                          reversed_color_fraction=config.reversed_color_fraction)
     device = config.torch_device()
     move = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
     sizes = [len(y) for _, y in data.clients]
     x = torch.cat([x for x, _ in data.clients]).to(device).split(sizes)
     y = torch.cat([y for _, y in data.clients]).to(device).split(sizes)
+    optional = lambda pair: None if pair is None else move(pair)  # noqa: E731
     return dataclasses.replace(data, clients=list(zip(x, y)), test=move(data.test),
-                               ood_test=move(data.ood_test) if data.ood_test is not None else None)
+                               ood_test=optional(data.ood_test), validation=optional(data.validation))
 
 
 def default_threads() -> int:

@@ -14,7 +14,8 @@ from .methods import plain_name
 
 #: one metrics row per round per method per seed; evaluation columns are None between evaluations
 COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreement",
-           "floats_down", "floats_up", "comm_vs_fedavg", "test_acc", "test_loss", "ood_acc", "ood_loss")
+           "floats_down", "floats_up", "comm_vs_fedavg", "val_acc", "val_loss", "test_acc",
+           "test_loss", "ood_acc", "ood_loss", "color_reliance")
 FINAL_METRICS = ("test_acc", "ood_acc")
 
 

@@ -42,9 +42,31 @@ def binary_labels(digits: torch.Tensor) -> torch.Tensor:
     return (digits >= 5).long()
 
 
-def client_flip_probs(num_clients: int, rng: np.random.Generator) -> np.ndarray:
-    """Each training client's color-flip probability, uniform in :data:`CLIENT_FLIP_RANGE`."""
-    return rng.uniform(*CLIENT_FLIP_RANGE, size=num_clients)
+def client_flip_probs(num_clients: int, rng: np.random.Generator,
+                      flip_range: tuple[float, float] = CLIENT_FLIP_RANGE,
+                      reversed_fraction: float = 0.0) -> np.ndarray:
+    """Each training client's color-flip probability ``p``, uniform in ``flip_range``; for the
+    first ``round(reversed_fraction · num_clients)`` clients of a random order it is ``1 − p``
+    (their color rule is reversed: the color's correlation with the label changes sign across
+    clients while the digit's does not)."""
+    probs = rng.uniform(*flip_range, size=num_clients)
+    reversed_ = rng.permutation(num_clients)[:round(reversed_fraction * num_clients)]
+    probs[reversed_] = 1.0 - probs[reversed_]
+    return probs
+
+
+def noisy_labels(y: torch.Tensor, noise: float, rng: np.random.Generator) -> torch.Tensor:
+    """Binary labels each flipped with probability ``noise`` (Arjovsky et al.'s 25 %: the digit
+    then predicts the label at most ``1 − noise`` of the time, less than a color rule flipped
+    less often does)."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"label noise must be in [0, 1], got {noise}")
+    return y ^ torch.from_numpy(rng.random(len(y)) < noise).to(y.dtype)
+
+
+def swap_colors(x: torch.Tensor) -> torch.Tensor:
+    """Binary-colored images with red and green exchanged: the same digits, the other color."""
+    return x[:, [1, 0, 2]]
 
 
 def color_binary(

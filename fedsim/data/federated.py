@@ -12,10 +12,12 @@ import torch
 from .coloring import (
     ID_TEST_FLIP_PROB,
     OOD_FLIP_PROB,
+    CLIENT_FLIP_RANGE,
     binary_labels,
     client_flip_probs,
     color_binary,
     color_multiclass,
+    noisy_labels,
 )
 from .sources import load_source
 from .splits import check_split_args, split_indices
@@ -36,15 +38,22 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "cifar10": ("cifar10", None),
 }
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def coloring_of(name: str) -> str | None:
+    """Dataset ``name``'s coloring: ``"binary"``, ``"multiclass"`` or ``None``."""
+    return _REGISTRY[name][1]
+
 DEFAULT_DATASET = "colored-digits"
 
 # Independent random streams, each seeded by (seed, stream[, client]).
-_SUBSAMPLE, _SPLIT, _FLIP_PROBS, _CLIENT_COLOR, _TEST_COLOR, _OOD_COLOR = range(6)
+_SUBSAMPLE, _SPLIT, _FLIP_PROBS, _CLIENT_COLOR, _TEST_COLOR, _OOD_COLOR, _VALIDATION, _NOISE = range(8)
 
 
 @dataclass
 class FederatedDataset:
-    """Per-client training data plus in- and out-of-distribution test sets.
+    """Per-client training data, an in-distribution validation set held out of the clients'
+    data (``None`` without one), and in- and out-of-distribution test sets.
 
     Images are float32 ``[n, C, H, W]`` in [0, 1], labels int64 ``[n]``. ``meta`` records how the
     data was made (source, split, coloring, each client's flip probability for binary coloring).
@@ -57,6 +66,7 @@ class FederatedDataset:
     num_classes: int
     input_shape: tuple[int, int, int]
     meta: dict[str, Any] = field(default_factory=dict)
+    validation: Split | None = None
 
 
 def load_federated(
@@ -70,13 +80,21 @@ def load_federated(
     download: bool = False,
     min_client_size: int = 10,
     max_train: int | None = None,
+    validation_fraction: float = 0.0,
+    label_noise: float = 0.0,
+    color_flip_range: tuple[float, float] = CLIENT_FLIP_RANGE,
+    reversed_color_fraction: float = 0.0,
 ) -> FederatedDataset:
     """Load dataset ``name`` (one of :data:`DATASETS`), split it among ``num_clients`` clients.
 
     The split (``"iid"``, ``"shards"`` or ``"dirichlet"`` with concentration ``alpha``) is made on
     the original class labels (the ten digits), before coloring; each client is then colored with
-    its own random stream. ``max_train`` keeps a random subset of the training set. Everything is
-    deterministic given ``seed``.
+    its own random stream. ``max_train`` keeps a random subset of the training set.
+    ``validation_fraction``: each client's share (rounded down) held out, after coloring, into
+    one in-distribution validation set. Binary coloring only: ``label_noise`` flips each label
+    (every set) before the color is drawn from it; each client's color-flip probability is
+    uniform in ``color_flip_range``, reversed (``1 − p``) for a ``reversed_color_fraction`` of
+    the clients. Everything is deterministic given ``seed``.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -85,7 +103,16 @@ def load_federated(
     _check_int("min_client_size", min_client_size, 0)
     if max_train is not None:
         _check_int("max_train", max_train, 1)
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     source, coloring = _REGISTRY[name]
+    options = {"label_noise": label_noise, "color_flip_range": tuple(color_flip_range),
+               "reversed_color_fraction": reversed_color_fraction}
+    if coloring != "binary" and (label_noise, tuple(color_flip_range), reversed_color_fraction) \
+            != (0.0, CLIENT_FLIP_RANGE, 0.0):
+        raise ValueError(f"label_noise, color_flip_range and reversed_color_fraction apply to "
+                         f"the binary colored datasets only, not {name!r}")
+    _check_binary_options(**options)
 
     raw = load_source(source, data_dir, download)
     x, y = raw.train
@@ -102,29 +129,66 @@ def load_federated(
         meta["alpha"] = alpha
     test, ood_test, num_classes = raw.test, None, raw.num_classes
     if coloring == "binary":
-        clients, test, ood_test = _color_binary(clients, raw.test, seed, meta)
+        clients, test, ood_test = _color_binary(clients, raw.test, seed, meta, **options)
         num_classes = 2
     elif coloring == "multiclass":
         clients, test, ood_test = _color_multiclass(clients, raw.test, seed)
+    clients, validation = _hold_out(clients, validation_fraction, seed)
+    if validation is not None:
+        meta["validation_fraction"] = validation_fraction
     c, h, w = clients[0][0].shape[1:]
     shape = (int(c), int(h), int(w))
-    return FederatedDataset(name, clients, test, ood_test, num_classes, shape, meta)
+    return FederatedDataset(name, clients, test, ood_test, num_classes, shape, meta, validation)
+
+
+def _check_binary_options(label_noise: float, color_flip_range: tuple[float, float],
+                          reversed_color_fraction: float) -> None:
+    low, high = color_flip_range
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"color_flip_range must be (low, high) with 0 <= low <= high <= 1, got "
+                         f"{color_flip_range}")
+    for what, value in (("label_noise", label_noise),
+                        ("reversed_color_fraction", reversed_color_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{what} must be in [0, 1], got {value}")
+
+
+def _hold_out(clients: list[Split], fraction: float, seed: int) -> tuple[list[Split], Split | None]:
+    """Each client's ``⌊fraction · n_k⌋`` random examples (at most ``n_k − 1``) pooled into a
+    validation set; the clients keep the rest."""
+    if fraction == 0.0:
+        return clients, None
+    kept, held = [], []
+    for k, (x, y) in enumerate(clients):
+        n = len(y)
+        order = torch.from_numpy(_rng(seed, _VALIDATION, k).permutation(n))
+        m = min(int(fraction * n), n - 1)
+        kept.append((x[order[m:]], y[order[m:]]))
+        held.append((x[order[:m]], y[order[:m]]))
+    validation = (torch.cat([x for x, _ in held]), torch.cat([y for _, y in held]))
+    if len(validation[1]) == 0:
+        raise ValueError(f"validation_fraction={fraction} holds out no example: the clients are "
+                         "too small; raise it or use fewer clients")
+    return kept, validation
 
 
 def _color_binary(
-    clients: list[Split], test: Split, seed: int, meta: dict[str, Any]
+    clients: list[Split], test: Split, seed: int, meta: dict[str, Any], *, label_noise: float,
+    color_flip_range: tuple[float, float], reversed_color_fraction: float,
 ) -> tuple[list[Split], Split, Split]:
-    """Binary labels; each client colored with its own flip probability (recorded in ``meta``)."""
-    probs = client_flip_probs(len(clients), _rng(seed, _FLIP_PROBS))
+    """Binary labels (flipped with ``label_noise``); each client colored with its own flip
+    probability (recorded in ``meta``)."""
+    probs = client_flip_probs(len(clients), _rng(seed, _FLIP_PROBS), color_flip_range,
+                              reversed_color_fraction)
     colored = []
     for k, ((x, y), p) in enumerate(zip(clients, probs)):
-        by = binary_labels(y)
+        by = noisy_labels(binary_labels(y), label_noise, _rng(seed, _NOISE, k))
         colored.append((color_binary(x, by, float(p), _rng(seed, _CLIENT_COLOR, k)), by))
-    x, by = test[0], binary_labels(test[1])
+    x, by = test[0], noisy_labels(binary_labels(test[1]), label_noise, _rng(seed, _NOISE))
     id_test = (color_binary(x, by, ID_TEST_FLIP_PROB, _rng(seed, _TEST_COLOR)), by)
     ood_test = (color_binary(x, by, OOD_FLIP_PROB, _rng(seed, _OOD_COLOR)), by)
     meta.update(client_flip_probs=probs.tolist(), test_flip_prob=ID_TEST_FLIP_PROB,
-                ood_flip_prob=OOD_FLIP_PROB)
+                ood_flip_prob=OOD_FLIP_PROB, label_noise=label_noise)
     return colored, id_test, ood_test
 
 
