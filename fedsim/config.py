@@ -272,7 +272,7 @@ class Config:
 
     def to_toml(self) -> str:
         """The resolved settings as TOML (unset optional settings are left out)."""
-        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_dict().items() if v is not None)
+        return "".join(f"{k} = {toml_value(v)}\n" for k, v in self.to_dict().items() if v is not None)
 
 
 #: each setting's type, by name
@@ -313,11 +313,11 @@ def _number(name: str, value: float, *, low: float, high: float | None = None,
         raise ValueError(f"{name} must be a finite number {bounds}, got {value}")
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
-    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"

@@ -43,13 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="A run folder (OUT_DIR/<time>-<name>) receives config.toml, metrics.jsonl, "
                "metrics.csv, results.json, accuracy.png, one model-<algorithm>-seed<n>.pt per "
                "run and checkpoint.pt.", argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a stopped run from its checkpoint, with its config.toml")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                         help="under torchrun: how long a rank waits for the others at an "
                              f"exchange before failing (default: {DEFAULT_TIMEOUT_S:g})")
+    add_settings(parser)
+    return parser
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per ``Config`` field (kebab case, with its help and default)."""
+    parser.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
     settings = parser.add_argument_group("settings (TOML keys: the names with underscores)")
     for f in dataclasses.fields(Config):
         hint = FIELD_TYPES[f.name]
@@ -62,7 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             settings.add_argument(flag, *ALIASES.get(f.name, ()), dest=f.name, help=help_text,
                                   type=_parser_for(hint), metavar=f.name.upper())
-    return parser
+
+
+def parse_value(hint: Any, text: str) -> Any:
+    """``text`` as a value of a field typed ``hint`` (as its flag parses it), or ConfigError."""
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"{text!r} is not true or false")
+        return text.lower() == "true"
+    try:
+        return _parser_for(hint)(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a value of type {_type_name(hint)}") from None
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"list of {args[0].__name__}"
+    return (args[0] if args else hint).__name__
 
 
 def _parser_for(hint: Any) -> Callable[[str], Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..methods import PLAIN, plain_name
+from ..methods import PLAIN, is_masked, plain_name
 from .base import Algorithm, Round
 from .fedavg import FedAvg
 from .fedga import FedGA
@@ -49,4 +49,21 @@ def build_algorithm(name: str, config: Config) -> Algorithm:
     return cls(**{key: getattr(config, setting) for key, setting in cls.hyperparameters.items()})
 
 
-__all__ = ["Algorithm", "CLASSES", "Round", "build_algorithm"]
+#: settings that belong to one algorithm (its constructor's hyperparameters)
+OWN_SETTINGS: frozenset[str] = frozenset(
+    s for cls in CLASSES.values() for s in cls.hyperparameters.values()
+    if s.startswith(("fedprox_", "fedpvr_", "fedga_", "fedgma_v1_")))
+
+
+def matters(method: str, setting: str) -> bool:
+    """Whether ``setting`` can change what algorithm ``method`` computes: ``gma_*`` only with
+    GMA, an algorithm's own hyperparameters (``OWN_SETTINGS``) only for that algorithm, any
+    other setting always."""
+    if setting.startswith("gma_"):
+        return is_masked(method)
+    if setting in OWN_SETTINGS:
+        return setting in CLASSES[plain_name(method)].hyperparameters.values()
+    return True
+
+
+__all__ = ["Algorithm", "CLASSES", "OWN_SETTINGS", "Round", "build_algorithm", "matters"]

@@ -1,0 +1,329 @@
+"""A sweep's report: every cell's statistics over seeds, paired differences to a baseline, and a
+selection of each method's settings that never looks at the test sets.
+
+For each method and cell (the swept values that matter to the method) and each seed: the
+metrics at the last round (``final``) and their mean over the evaluations of the last 10 rounds
+(``last10``); over seeds their mean and sample standard deviation. A paired difference
+``Δ = mean_s (m_s − b_s)`` (and its std over seeds) compares a method with the baseline on the
+same seeds and the same values of the settings that matter to the baseline.
+
+**Selection.** Each method gets its own best cell: the highest mean over seeds of ``last10``
+validation accuracy (``val_acc``, the in-distribution set held out of the clients' data); its
+test accuracies there are the method's result. The cell with the best OOD test accuracy is
+reported too, as the *oracle*, in a column of its own: it is chosen on the test set, so it is an
+upper bound, never a result.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write
+from .algorithms import matters
+from .methods import is_masked
+
+METRICS = ("val_acc", "test_acc", "ood_acc", "color_reliance")
+#: the criterion a method's settings are chosen by
+SELECT_BY = ("last10", "val_acc")
+#: the fewest seeds a paired comparison should rest on
+MIN_SEEDS = 5
+
+Values = tuple[tuple[str, Any], ...]
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float] | None:
+    """``{"mean", "std", "n"}`` (sample std, 0 for one value), or None for no values."""
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A run folder's metrics rows (``metrics.jsonl``)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def per_seed(rows: Sequence[dict[str, Any]], window: int = 10) -> dict[int, dict[str, dict]]:
+    """Per seed: each metric at the last round (``final``) and the mean of its evaluations in
+    the last ``window`` rounds (``last10``); None where never measured."""
+    out: dict[int, dict[str, dict]] = {}
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == seed]
+        last = max(r["round"] for r in mine)
+        final = next(r for r in mine if r["round"] == last)
+        recent = [r for r in mine if r["round"] > last - window]
+        out[seed] = {
+            "final": {m: final.get(m) for m in METRICS},
+            "last10": {m: _mean_or_none([r[m] for r in recent if r.get(m) is not None])
+                       for m in METRICS},
+            "mask_density": _mean_or_none([r["mask_density"] for r in mine]),
+        }
+    return out
+
+
+def ood_curve(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """OOD test accuracy at each evaluated round: mean and std over seeds."""
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("ood_acc") is not None:
+            by_round.setdefault(r["round"], []).append(r["ood_acc"])
+    stats = [mean_std(by_round[x]) for x in sorted(by_round)]
+    return {"round": sorted(by_round), "mean": [s["mean"] for s in stats],
+            "std": [s["std"] for s in stats]}
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def analyse(cells: Sequence[tuple[Values, Path, dict[str, str]]],
+            grid: dict[str, tuple[Any, ...]], *, baseline: str | None = None,
+            conditions: Sequence[str] = ()) -> dict[str, Any]:
+    """The report of a sweep whose ``cells`` are (swept values, run folder, renaming of the
+    folder's methods) triples. ``conditions``: swept settings that define separate experiments
+    (a dataset, a split) rather than choices: each method's settings are chosen, and compared,
+    within each combination of their values."""
+    entries: dict[tuple[str, Values], dict[int, dict]] = {}
+    curves: dict[tuple[str, Values], dict[str, list]] = {}
+    methods: list[str] = []
+    for values, run_dir, rename in cells:
+        rows = read_rows(run_dir)
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            name = rename.get(method, method)
+            entries[(name, values)] = per_seed(mine)
+            curves[(name, values)] = ood_curve(mine)
+            if name not in methods:
+                methods.append(name)
+    baseline = baseline or next((m for m in methods if not is_masked(m)), methods[0])
+    report: dict[str, Any] = {"baseline": baseline, "grid": {k: list(v) for k, v in grid.items()},
+                              "conditions": list(conditions), "select_by": "/".join(SELECT_BY),
+                              "cells": [], "selection": [], "warnings": []}
+    fewest = min(len(s) for s in entries.values())
+    if fewest < MIN_SEEDS:
+        report["warnings"].append(f"only {fewest} seed(s): paired comparisons need at least "
+                                  f"{MIN_SEEDS} to mean much")
+
+    def base_of(values: Values) -> dict[int, dict] | None:
+        wanted = tuple((k, v) for k, v in values if matters(baseline, k))
+        return entries.get((baseline, wanted))
+
+    for (method, values), seeds in entries.items():
+        report["cells"].append({
+            "method": method, "values": dict(values), "seeds": sorted(seeds),
+            **{when: {m: mean_std(_collect(seeds, when, m)) for m in METRICS}
+               for when in ("final", "last10")},
+            "mask_density": mean_std([s["mask_density"] for s in seeds.values()
+                                      if s["mask_density"] is not None]),
+            "paired_vs_baseline": _paired(seeds, base_of(values)),
+            "ood_curve": curves[(method, values)],
+        })
+    for condition in itertools.product(*(grid[k] for k in conditions)):
+        where = dict(zip(conditions, condition))
+        here = [c for c in report["cells"] if all(c["values"].get(k) == v for k, v in where.items())]
+        picks = {m: _select(m, [c for c in here if c["method"] == m], report) for m in methods}
+        base = picks.get(baseline)
+        for method, row in picks.items():
+            if row is None:
+                continue
+            row["condition"] = where
+            row["paired_vs_baseline"] = base and _paired(
+                entries[(method, _key(row["values"]))], entries[(baseline, _key(base["values"]))])
+            report["selection"].append(row)
+    return report
+
+
+def _select(method: str, cells: list[dict], report: dict) -> dict | None:
+    """``method``'s cell of best mean validation accuracy, and its oracle (best OOD test)."""
+    if not cells:
+        return None
+    scored = [c for c in cells if c[SELECT_BY[0]][SELECT_BY[1]] is not None]
+    if not scored:
+        warning = f"{method}: no validation accuracy (validation_fraction = 0): nothing selected"
+        if warning not in report["warnings"]:
+            report["warnings"].append(warning)
+        return None
+    pick = max(scored, key=lambda c: c[SELECT_BY[0]][SELECT_BY[1]]["mean"])
+    with_ood = [c for c in cells if c["final"]["ood_acc"] is not None]
+    oracle = max(with_ood, key=lambda c: c["final"]["ood_acc"]["mean"]) if with_ood else None
+    return {"method": method, "values": pick["values"], "final": pick["final"],
+            "last10": pick["last10"],
+            "oracle": oracle and {"values": oracle["values"], "ood_acc": oracle["final"]["ood_acc"]}}
+
+
+def _key(values: dict[str, Any]) -> Values:
+    return tuple(values.items())
+
+
+def _collect(seeds: dict[int, dict], when: str, metric: str) -> list[float]:
+    return [s[when][metric] for s in seeds.values() if s[when][metric] is not None]
+
+
+def _paired(ours: dict[int, dict], theirs: dict[int, dict] | None) -> dict[str, Any] | None:
+    """Per final metric: mean ± std over the common seeds of (ours − theirs)."""
+    if theirs is None:
+        return None
+    common = sorted(set(ours) & set(theirs))
+    out = {}
+    for metric in ("test_acc", "ood_acc"):
+        diffs = [ours[s]["final"][metric] - theirs[s]["final"][metric] for s in common
+                 if ours[s]["final"][metric] is not None and theirs[s]["final"][metric] is not None]
+        out[metric] = mean_std(diffs)
+    return out
+
+
+def _pct(entry: dict[str, float] | None, signed: bool = False) -> str:
+    if entry is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{100 * entry['mean']:{sign}.1f} ± {100 * entry['std']:.1f}"
+
+
+def _settings(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "(base)"
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(line) + " |" for line in lines)])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: the selection table, then every cell."""
+    base = report["baseline"]
+    parts = [f"# Sweep: {', '.join(report['grid']) or 'no grid'}", ""]
+    parts += [f"> {w}" for w in report["warnings"]] + ([""] if report["warnings"] else [])
+    parts += ["## Each method at its settings chosen on validation accuracy "
+              f"({report['select_by']})", "",
+              f"Accuracies in % (final round), mean ± std over seeds; Δ: paired difference to "
+              f"{base} at its own chosen settings, same seeds. The oracle column is chosen on "
+              "the OOD test set: an upper bound, not a result.", ""]
+    parts.append(_table(
+        ("condition", "method", "chosen settings", "val", "ID test", "OOD test", "color reliance",
+         f"Δ ID vs {base}", f"Δ OOD vs {base}", "oracle OOD (test-chosen)", "oracle settings"),
+        [(_settings(s["condition"]) if s["condition"] else "all", s["method"],
+          _settings({k: v for k, v in s["values"].items() if k not in s["condition"]}),
+          _pct(s["last10"]["val_acc"]),
+          _pct(s["final"]["test_acc"]), _pct(s["final"]["ood_acc"]),
+          _pct(s["final"]["color_reliance"]),
+          *(_pct((s.get("paired_vs_baseline") or {}).get(m), signed=True)
+            for m in ("test_acc", "ood_acc")),
+          _pct(s["oracle"] and s["oracle"]["ood_acc"]),
+          _settings(s["oracle"]["values"]) if s["oracle"] else "n/a")
+         for s in report["selection"]]))
+    parts += ["", "## Every cell", "",
+              f"Final-round accuracies in % and the mean of the last 10 rounds' evaluations "
+              f"(OOD last 10); Δ OOD: paired difference to {base} at the same settings.", ""]
+    parts.append(_table(
+        ("method", "settings", "seeds", "val (last 10)", "ID test", "OOD test", "OOD last 10",
+         "color reliance", "mask density", f"Δ OOD vs {base}"),
+        [(c["method"], _settings(c["values"]), str(len(c["seeds"])), _pct(c["last10"]["val_acc"]),
+          _pct(c["final"]["test_acc"]), _pct(c["final"]["ood_acc"]), _pct(c["last10"]["ood_acc"]),
+          _pct(c["final"]["color_reliance"]),
+          f"{c['mask_density']['mean']:.2f}" if c["mask_density"] else "n/a",
+          _pct((c["paired_vs_baseline"] or {}).get("ood_acc"), signed=True))
+         for c in report["cells"]]))
+    return "\n".join(parts) + "\n"
+
+
+def write_report(sweep_dir: Path, report: dict[str, Any]) -> None:
+    """``summary.json``, ``summary.md``, ``ood_vs_rounds.png`` and one
+    ``final_vs_<setting>.png`` per swept setting with several values."""
+    atomic_write(sweep_dir / "summary.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(sweep_dir / "summary.md", format_report(report))
+    plot_curves(sweep_dir / "ood_vs_rounds.png", report)
+    for setting, values in report["grid"].items():
+        if len(values) > 1:
+            plot_final_vs(sweep_dir / f"final_vs_{setting}.png", report, setting)
+
+
+def _figure_bytes(fig) -> bytes:  # noqa: ANN001 - a matplotlib Figure
+    import io
+
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(path: Path, report: dict[str, Any]) -> None:
+    """OOD accuracy against rounds, one panel per grid point, one line per method (its cell at
+    that point; mean over seeds, the band ± std)."""
+    plt = _pyplot()
+    grid = report["grid"]
+    points = [dict(zip(grid, p)) for p in itertools.product(*grid.values())]
+    methods = list(dict.fromkeys(c["method"] for c in report["cells"]))
+    cols = min(len(points), 4)
+    rows_ = -(-len(points) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False,
+                             sharey=True)
+    for ax, point in zip(axes.flat, points):
+        for i, method in enumerate(methods):
+            cell = next((c for c in report["cells"] if c["method"] == method
+                         and all(point.get(k) == v for k, v in c["values"].items())), None)
+            curve = cell and cell["ood_curve"]
+            if not curve or not curve["round"]:
+                continue
+            low = [m - s for m, s in zip(curve["mean"], curve["std"])]
+            high = [m + s for m, s in zip(curve["mean"], curve["std"])]
+            ax.plot(curve["round"], curve["mean"], color=f"C{i}", marker=".", label=method)
+            ax.fill_between(curve["round"], low, high, color=f"C{i}", alpha=0.15)
+        ax.set_title(_settings(point), fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(points):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("OOD test accuracy")
+    atomic_write(path, _figure_bytes(fig))
+
+
+def plot_final_vs(path: Path, report: dict[str, Any], setting: str) -> None:
+    """Validation and OOD test accuracy (mean ± std over seeds) against ``setting``: one line
+    per method (and condition) that depends on it, its other swept settings at the method's
+    choice."""
+    plt = _pyplot()
+    fig, (ax_val, ax_ood) = plt.subplots(1, 2, figsize=(9, 3.5))
+    colors: dict[str, str] = {}
+    for i, row in enumerate(report["selection"]):
+        method = row["method"]
+        others = {k: v for k, v in row["values"].items() if k != setting}
+        line = sorted((c for c in report["cells"] if c["method"] == method and setting in c["values"]
+                       and all(c["values"].get(k) == v for k, v in others.items())),
+                      key=lambda c: c["values"][setting])
+        if len(line) < 2:
+            continue
+        color = colors.setdefault(method, f"C{len(colors)}")
+        label = method + (f" ({_settings(row['condition'])})" if row["condition"] else "")
+        style = ["-", "--", ":", "-."][len([r for r in report["selection"][:i]
+                                            if r["method"] == method]) % 4]
+        xs = [c["values"][setting] for c in line]
+        for ax, when, metric in ((ax_val, "last10", "val_acc"), (ax_ood, "final", "ood_acc")):
+            points = [c[when][metric] for c in line]
+            if any(p is None for p in points):
+                continue
+            ax.errorbar(range(len(xs)) if isinstance(xs[0], str) else xs,
+                        [p["mean"] for p in points], yerr=[p["std"] for p in points],
+                        color=color, linestyle=style, marker="o", capsize=3, label=label)
+            if isinstance(xs[0], str):
+                ax.set_xticks(range(len(xs)), xs)
+    for ax, label in ((ax_val, "validation accuracy (last 10)"), (ax_ood, "OOD test accuracy")):
+        ax.set_xlabel(setting)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    atomic_write(path, _figure_bytes(fig))
