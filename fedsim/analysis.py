@@ -232,13 +232,15 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def write_report(sweep_dir: Path, report: dict[str, Any]) -> None:
-    """``summary.json``, ``summary.md``, ``ood_vs_rounds.png`` and one
-    ``final_vs_<setting>.png`` per swept setting with several values."""
+    """``summary.json``, ``summary.md``, ``ood_vs_rounds.png``, one ``final_vs_<setting>.png``
+    per swept setting with several values and, with conditions, ``ood_by_condition.png``."""
     atomic_write(sweep_dir / "summary.json", json.dumps(report, indent=2) + "\n")
     atomic_write(sweep_dir / "summary.md", format_report(report))
     plot_curves(sweep_dir / "ood_vs_rounds.png", report)
+    if report["conditions"]:
+        plot_conditions(sweep_dir / "ood_by_condition.png", report)
     for setting, values in report["grid"].items():
-        if len(values) > 1:
+        if len(values) > 1 and setting not in report["conditions"]:
             plot_final_vs(sweep_dir / f"final_vs_{setting}.png", report, setting)
 
 
@@ -289,6 +291,46 @@ def plot_curves(path: Path, report: dict[str, Any]) -> None:
     for ax in list(axes.flat)[len(points):]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("OOD test accuracy")
+    atomic_write(path, _figure_bytes(fig))
+
+
+def plot_conditions(path: Path, report: dict[str, Any]) -> None:
+    """OOD accuracy against rounds, one panel per condition (the papers' layout: e.g. binary and
+    10 classes × IID and non-IID), one line per method and setting (the other swept values)."""
+    plt = _pyplot()
+    conditions = report["conditions"]
+    combos = [dict(zip(conditions, c))
+              for c in itertools.product(*(report["grid"][k] for k in conditions))]
+    cols = min(len(combos), 2 if len(combos) == 4 else 4)
+    rows_ = -(-len(combos) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 3.8 * rows_), squeeze=False,
+                             sharey=True)
+    methods = list(dict.fromkeys(c["method"] for c in report["cells"]))
+    styles = ["-", "--", ":", "-."]
+    for ax, where in zip(axes.flat, combos):
+        seen: dict[str, int] = {}
+        for cell in report["cells"]:
+            if any(cell["values"].get(k) != v for k, v in where.items()):
+                continue
+            curve = cell["ood_curve"]
+            if not curve["round"]:
+                continue
+            method = cell["method"]
+            style = styles[seen.setdefault(method, 0) % len(styles)]
+            seen[method] += 1
+            rest = {k: v for k, v in cell["values"].items() if k not in where}
+            ax.plot(curve["round"], curve["mean"], linestyle=style, marker=".",
+                    color=f"C{methods.index(method)}",
+                    label=f"{method} {_settings(rest)}" if rest else method)
+        ax.set_title(_settings(where), fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(combos):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("OOD test accuracy (mean over seeds)")
     atomic_write(path, _figure_bytes(fig))
 
 

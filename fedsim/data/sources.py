@@ -129,9 +129,7 @@ def load_mnist_like(source: str, data_dir: str | os.PathLike | None, download: b
     """
     tv_name = _TORCHVISION_NAME[source]
     root = _root(data_dir)
-    candidates = [root, root / tv_name / "raw"]
-    if data_dir is None and source == "fashion-mnist":
-        candidates.append(Path(DEBIAN_FASHION_MNIST_DIR))
+    candidates = _idx_folders(source, data_dir)
     for directory in candidates:
         files = find_idx_files(directory)
         if files is not None:
@@ -157,6 +155,20 @@ def load_mnist_like(source: str, data_dir: str | os.PathLike | None, download: b
             f"{DEBIAN_FASHION_MNIST_DIR}/ (use data_dir={DEBIAN_FASHION_MNIST_DIR})."
         )
     raise FileNotFoundError(hint)
+
+
+def _idx_folders(source: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    """Where MNIST-like IDX files are looked for, in order."""
+    root = _root(data_dir)
+    folders = [root, root / _TORCHVISION_NAME[source] / "raw"]
+    if data_dir is None and source == "fashion-mnist":
+        folders.append(Path(DEBIAN_FASHION_MNIST_DIR))
+    return folders
+
+
+def source_available(source: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether MNIST-like ``source``'s IDX files are on this machine (no download)."""
+    return any(find_idx_files(d) is not None for d in _idx_folders(source, data_dir))
 
 
 def load_cifar10(data_dir: str | os.PathLike | None, download: bool) -> RawData:
