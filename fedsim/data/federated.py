@@ -87,8 +87,9 @@ def load_federated(
 ) -> FederatedDataset:
     """Load dataset ``name`` (one of :data:`DATASETS`), split it among ``num_clients`` clients.
 
-    The split (``"iid"``, ``"shards"`` or ``"dirichlet"`` with concentration ``alpha``) is made on
-    the original class labels (the ten digits), before coloring; each client is then colored with
+    The split (``"iid"``, ``"shards"``, ``"dirichlet"`` with concentration ``alpha``) is made on
+    the original class labels (the ten digits), ``"binary-skew"`` on the binary labels, before
+    coloring; each client is then colored with
     its own random stream. ``max_train`` keeps a random subset of the training set.
     ``validation_fraction``: each client's share (rounded down) held out, after coloring, into
     one in-distribution validation set. Binary coloring only: ``label_noise`` flips each label
@@ -119,8 +120,11 @@ def load_federated(
     if max_train is not None and max_train < len(y):
         keep = np.sort(_rng(seed, _SUBSAMPLE).choice(len(y), size=max_train, replace=False))
         x, y = x[torch.from_numpy(keep)], y[torch.from_numpy(keep)]
+    if split == "binary-skew" and coloring != "binary":
+        raise ValueError(f"split 'binary-skew' needs a binary colored dataset, not {name!r}")
+    split_on = binary_labels(y) if split == "binary-skew" else y  # else the ten digits
     parts = split_indices(
-        y.numpy(), num_clients, split, _rng(seed, _SPLIT), alpha=alpha,
+        split_on.numpy(), num_clients, split, _rng(seed, _SPLIT), alpha=alpha,
         min_client_size=min_client_size,
     )
     clients = [(x[idx], y[idx]) for idx in map(torch.from_numpy, parts)]

@@ -10,7 +10,9 @@ import numbers
 
 import numpy as np
 
-SPLITS: tuple[str, ...] = ("iid", "shards", "dirichlet")
+SPLITS: tuple[str, ...] = ("iid", "shards", "dirichlet", "binary-skew")
+#: the positive shares of the first and the last client of a binary-skew split
+BINARY_SKEW_RANGE: tuple[float, float] = (0.2, 0.8)
 
 
 def split_indices(
@@ -22,7 +24,8 @@ def split_indices(
     alpha: float = 0.5,
     min_client_size: int = 10,
 ) -> list[np.ndarray]:
-    """Dispatch to :func:`iid_split`, :func:`shard_split` or :func:`dirichlet_split` by name."""
+    """Dispatch to :func:`iid_split`, :func:`shard_split`, :func:`dirichlet_split` or
+    :func:`binary_skew_split` (binary labels) by name."""
     check_split_args(split, num_clients, alpha)
     labels = np.asarray(labels)
     if num_clients > len(labels):
@@ -31,6 +34,8 @@ def split_indices(
         return iid_split(len(labels), num_clients, rng)
     if split == "shards":
         return shard_split(labels, num_clients, rng)
+    if split == "binary-skew":
+        return binary_skew_split(labels, num_clients, rng)
     return dirichlet_split(labels, num_clients, alpha, rng, min_client_size=min_client_size)
 
 
@@ -112,3 +117,28 @@ def dirichlet_split(
         f"dirichlet split (alpha={alpha}) gave some client fewer than {min_client_size} examples "
         f"in {max_attempts} draws; raise alpha, or lower num_clients or min_client_size"
     )
+
+
+def binary_skew_split(labels: np.ndarray, num_clients: int, rng: np.random.Generator,
+                      skew: tuple[float, float] = BINARY_SKEW_RANGE) -> list[np.ndarray]:
+    """Binary label skew that does not depend on the draw: client k's share of label 1 is
+    ``q_k``, evenly spaced from ``skew[0]`` (client 0) to ``skew[1]`` (the last); it gets
+    ``P q_k / Σq`` of the ``P`` positives and ``Q (1 − q_k) / Σ(1 − q)`` of the ``Q`` negatives
+    (so every example is dealt; with ``P = Q`` client k's positive share is exactly ``q_k``).
+    Only which examples each client gets is random."""
+    labels = np.asarray(labels)
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("binary-skew split needs binary labels (0 or 1): use a binary colored "
+                         "dataset")
+    q = np.linspace(*skew, num_clients) if num_clients > 1 else np.array([0.5])
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for label, share in ((1, q), (0, 1.0 - q)):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        cuts = np.round(np.cumsum(share)[:-1] / share.sum() * len(idx)).astype(np.int64)
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].append(chunk)
+    out = [rng.permutation(np.concatenate(p)) for p in parts]
+    if min(len(p) for p in out) == 0:
+        raise ValueError(f"binary-skew split leaves a client empty: {num_clients} clients, "
+                         f"{len(labels)} examples")
+    return out

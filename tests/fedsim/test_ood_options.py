@@ -116,3 +116,23 @@ def test_run_logs_validation_and_color_reliance(tmp_path):
     rows = run_experiment(config, tmp_path, progress=False)
     for row in rows:
         assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["color_reliance"] <= 1.0
+
+
+def test_binary_skew_split_does_not_depend_on_the_seed():
+    shares = []
+    for seed in (0, 1, 2):
+        data = load_federated("colored-digits", split="binary-skew", seed=seed)
+        shares.append([float(y.float().mean()) for _, y in data.clients])
+        assert sum(len(y) for _, y in data.clients) + len(data.test[1]) == 1797
+    for per_client in zip(*shares):  # the same mix for every seed, to rounding
+        assert max(per_client) - min(per_client) < 0.02
+    first, last = shares[0][0], shares[0][-1]
+    assert abs(first - 0.2) < 0.05 and abs(last - 0.8) < 0.05
+    assert all(a < b for a, b in zip(shares[0], shares[0][1:]))  # evenly increasing
+
+
+def test_binary_skew_split_needs_binary_labels():
+    with pytest.raises(ValueError, match="needs a binary colored dataset"):
+        load_federated("digits", split="binary-skew")
+    with pytest.raises(ConfigError, match="split 'binary-skew'"):
+        Config(dataset="colored-digits-10", split="binary-skew")
