@@ -96,6 +96,26 @@ def format_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: boo
     return _render(header, lines, markdown)
 
 
+def format_paired(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One line per method after the first: its final ID and OOD accuracy minus the first
+    method's, paired by seed (mean ± std over the common seeds, in points)."""
+    methods = list(summary)
+    lines = []
+    for method in methods[1:]:
+        cells = []
+        for metric, label in (("test_acc", "ID"), ("ood_acc", "OOD")):
+            ours, theirs = summary[method][metric]["per_seed"], summary[methods[0]][metric]["per_seed"]
+            diffs = [100 * (ours[s] - theirs[s]) for s in ours
+                     if s in theirs and ours[s] is not None and theirs[s] is not None]
+            if diffs:
+                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                cells.append(f"{label} {statistics.fmean(diffs):+.2f} ± {std:.2f}")
+        if cells:
+            lines.append(f"{method} − {methods[0]}, paired over {len(ours)} seed(s): "
+                         f"{', '.join(cells)} points")
+    return "\n".join(lines)
+
+
 def format_gma_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: bool = True) -> str:
     """Each algorithm beside its GMA twin (``X`` and ``X+gma``; FedAvg and ``fedgma``): ID and
     OOD accuracy without and with GMA, and the communication per round (GMA is server side and

@@ -29,7 +29,7 @@ from .config import FIELD_TYPES, Config, ConfigError
 from .distributed import DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session
 from .io import atomic_write
 from .loop import run_experiment
-from .report import format_table, plot_accuracy, summarize, write_results
+from .report import format_paired, format_table, plot_accuracy, summarize, write_results
 
 #: extra spellings of a setting's flag
 ALIASES = {"algorithms": ("--compare", "--algorithm")}
@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           threads=torch.get_num_threads(), world_size=comm.world_size)
             plot_accuracy(run_dir, rows)
             print(format_table(summary))
+            paired = format_paired(summary)
+            if paired:
+                print(paired)
             return summary
     except DistributedAggregationError as err:  # a rank died or stalled
         # the failed collective leaves the process group's threads in a state that can abort
