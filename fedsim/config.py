@@ -99,6 +99,9 @@ class Config:
     adaptive_server_lr: float | None = _setting(None, "server learning rate when the server optimizer "
                                                 "is adam, yogi or adagrad, e.g. fedadam "
                                                 "(default: server_lr)")
+    gma_server_lr: float | None = _setting(None, "server learning rate of the GMA methods whose "
+                                           "server optimizer is sgd, e.g. fedgma (default: "
+                                           "server_lr)")
     server_momentum: float = _setting(0.9, "server momentum (server_optimizer = momentum)")
     server_beta1: float = _setting(0.9, "server beta1 (adam, yogi, adagrad)")
     server_beta2: float = _setting(0.99, "server beta2 (adam, yogi)")
@@ -181,7 +184,8 @@ class Config:
         for name in ("server_momentum", "server_beta1", "server_beta2", "gma_tau"):
             _number(name, getattr(self, name), low=0.0, high=1.0)
         _number("server_eps", self.server_eps, low=0.0, low_open=True)
-        for name in ("momentum_server_lr", "adaptive_server_lr", "fedgma_v1_server_lr"):
+        for name in ("momentum_server_lr", "adaptive_server_lr", "gma_server_lr",
+                     "fedgma_v1_server_lr"):
             if getattr(self, name) is not None:
                 _number(name, getattr(self, name), low=0.0, low_open=True)
         _number("fedprox_mu", self.fedprox_mu, low=0.0)
@@ -235,13 +239,16 @@ class Config:
             raise ConfigError(f"device={self.device!r} but CUDA is not available here")
         return device
 
-    def server_lr_for(self, kind: str) -> float:
+    def server_lr_for(self, kind: str, masked: bool = False) -> float:
         """The server learning rate for server optimizer ``kind`` (``momentum_server_lr`` for
-        momentum, ``adaptive_server_lr`` for adam/yogi/adagrad, when set; else ``server_lr``)."""
+        momentum, ``adaptive_server_lr`` for adam/yogi/adagrad, ``gma_server_lr`` for sgd with
+        GMA (``masked``), when set; else ``server_lr``)."""
         if kind == "momentum" and self.momentum_server_lr is not None:
             return self.momentum_server_lr
         if kind in ("adam", "yogi", "adagrad") and self.adaptive_server_lr is not None:
             return self.adaptive_server_lr
+        if kind == "sgd" and masked and self.gma_server_lr is not None:
+            return self.gma_server_lr
         return self.server_lr
 
     @property

@@ -1,6 +1,8 @@
 """``python -m fedsim.run``: settings from flags and/or a TOML file, the run, the report.
 
-With no arguments it compares FedAvg and FedGMA on colored digits split non-IID (shards).
+With no setting at all it compares FedAvg and FedGMA on colored digits split non-IID (shards),
+each at the server step the selection protocol chose on validation (``DEFAULT_COMPARISON``);
+any setting given starts from the plain defaults instead.
 Every ``Config`` field is a flag (``--local-epochs 3``; lists comma-separated: ``--seeds 0,1``)
 and a TOML key (``--config run.toml``); flags win over the file.
 
@@ -33,13 +35,21 @@ from .report import format_paired, format_table, plot_accuracy, summarize, write
 
 #: extra spellings of a setting's flag
 ALIASES = {"algorithms": ("--compare", "--algorithm")}
+#: what the run without any setting changes from the defaults: FedGMA's server step and τ as the
+#: selection protocol chose them on validation for this comparison (FedAvg's choice, server lr
+#: 1, is the default): ``python -m fedsim.sweep --grid server_lr=0.5,1,2 --grid
+#: gma_tau=0.2,0.4,0.6 --seeds 0,1,2,3,4``, benchmarks/results/recipes/default-choice/
+DEFAULT_COMPARISON = {"gma_server_lr": 2.0, "gma_tau": 0.2}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fedsim.run",
-        description="Simulate federated learning through gma_kernels. With no arguments: FedAvg "
-                    "against FedGMA on colored digits split non-IID (shards).",
+        description="Simulate federated learning through gma_kernels. With no setting at all: "
+                    "FedAvg against FedGMA on colored digits split non-IID (shards), each at "
+                    "the server step the selection protocol chose on validation (FedAvg: "
+                    "server lr 1; FedGMA: --gma-server-lr 2 --gma-tau 0.2). Any setting given "
+                    "starts from the defaults below instead.",
         epilog="A run folder (OUT_DIR/<time>-<name>) receives config.toml, metrics.jsonl, "
                "metrics.csv, results.json, accuracy.png, one model-<algorithm>-seed<n>.pt per "
                "run and checkpoint.pt.", argument_default=argparse.SUPPRESS)
@@ -128,9 +138,11 @@ def resolve(args: argparse.Namespace,
         if not config_file.is_file():
             parser.error(f"--resume {args.resume}: no config.toml there (not a run folder?)")
         return Config.from_toml(config_file), args.resume
-    config = Config.from_toml(args.config, **settings) if "config" in args \
-        else Config.from_dict(settings, source="the command line")
-    return config, None
+    if "config" in args:
+        return Config.from_toml(args.config, **settings), None
+    if not settings:  # the default comparison
+        return Config.from_dict(DEFAULT_COMPARISON, source="the default comparison"), None
+    return Config.from_dict(settings, source="the command line"), None
 
 
 def create_run_dir(config: Config) -> Path:

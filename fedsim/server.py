@@ -17,7 +17,7 @@ class Server:
     buffer), and a ``ServerOptimizer`` on that buffer. ``masked=False`` aggregates with
     ``τ = 0``: exactly weighted FedAvg through the same kernel. ``optimizer`` names the server
     optimizer kind (default: the configured one); its learning rate is
-    ``config.server_lr_for(kind)``. ``comm``: the ranks that share the clients (default: one
+    ``config.server_lr_for(kind, masked)``. ``comm``: the ranks that share the clients (default: one
     process); every rank holds a replica of the server and steps it identically."""
 
     def __init__(self, model: nn.Module, config: Config, *, masked: bool,
@@ -27,7 +27,7 @@ class Server:
         self.flat = FlatParams(model)
         kind = optimizer or config.server_optimizer
         self.optimizer = ServerOptimizer(
-            self.flat.buffer, kind, lr=config.server_lr_for(kind),
+            self.flat.buffer, kind, lr=config.server_lr_for(kind, masked),
             momentum=config.server_momentum, beta1=config.server_beta1,
             beta2=config.server_beta2, eps=config.server_eps, mask_placement=config.gma_placement,
             tau=config.gma_tau if masked else 0.0, mask=config.gma_mask,

@@ -97,8 +97,8 @@ class Sweep:
 
     def controls(self, sweep_dir: Path) -> list[Cell]:
         """The step-size controls of the finished GMA cells (none unless
-        ``step_size_control``): ``plain`` at every server learning rate times ``density``, the
-        GMA method's mean mask density over its seeds and rounds in that cell."""
+        ``step_size_control``): the plain algorithm at the GMA method's server learning rates
+        times ``density``, its mean mask density over its seeds and rounds in that cell."""
         if not self.step_size_control:
             return []
         controls = []
@@ -110,8 +110,10 @@ class Sweep:
                 density = statistics.fmean(r["mask_density"] for r in rows if r["method"] == method)
                 plain = plain_name(method)
                 scaled = {k: round(getattr(cell.config, k) * density, 6)
-                          for k in ("server_lr", "momentum_server_lr", "adaptive_server_lr")
+                          for k in ("momentum_server_lr", "adaptive_server_lr")
                           if getattr(cell.config, k) is not None}
+                scaled["server_lr"] = round(cell.config.server_lr_for("sgd", masked=True)
+                                            * density, 6)
                 label = f"{plain} (step x {method} density)"
                 controls.append(self._cell(f"control-{method}-{cell.name}", cell.values,
                                            {"algorithms": (plain,), **scaled}, {plain: label}))

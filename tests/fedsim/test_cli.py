@@ -87,3 +87,25 @@ def test_missing_dataset_exits_1_with_the_data_module_hint(tmp_path, capsys):
         main(["--quiet", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--seeds", "0",
               "--out-dir", str(tmp_path / "runs")])
     assert exit_.value.code == 1 and "error: MNIST not found" in capsys.readouterr().err
+
+
+def test_the_run_without_settings_is_the_protocol_choice_and_any_setting_starts_from_defaults():
+    from fedsim.run import DEFAULT_COMPARISON, build_parser, resolve
+    parser = build_parser()
+    config, _ = resolve(parser.parse_args(["--quiet"]), parser)
+    assert config == Config(**DEFAULT_COMPARISON)
+    assert (config.gma_server_lr, config.gma_tau, config.server_lr) == (2.0, 0.2, 1.0)
+    config, _ = resolve(parser.parse_args(["--rounds", "3"]), parser)
+    assert (config.gma_server_lr, config.gma_tau) == (None, 0.4)
+
+
+@pytest.mark.parametrize("method, kind, lr", [("fedavg", "sgd", 1.0), ("fedgma", "sgd", 2.0),
+                                              ("scaffold+gma", "sgd", 2.0),
+                                              ("fedadam+gma", "adam", 0.01)])
+def test_gma_server_lr_is_the_sgd_step_of_the_gma_methods(method, kind, lr):
+    from fedsim.methods import is_masked, server_optimizer_of
+    from fedsim.server import Server
+    config = Config(algorithms=(method,), gma_server_lr=2.0, adaptive_server_lr=0.01, model="mlp")
+    server = Server(build_model("mlp", (3, 8, 8), 2), config, masked=is_masked(method),
+                    optimizer=server_optimizer_of(method))
+    assert (server.optimizer.step_config.kind, server.optimizer.step_config.lr) == (kind, lr)
