@@ -7,8 +7,9 @@ metrics at the last round (``final``) and their mean over the evaluations of the
 ``Δ = mean_s (m_s − b_s)`` (and its std over seeds) compares a method with the baseline on the
 same seeds and the same values of the settings that matter to the baseline.
 
-**Selection.** Each method gets its own best cell: the highest mean over seeds of ``last10``
-validation accuracy (``val_acc``, the in-distribution set held out of the clients' data); its
+**Selection.** Each method gets its own best cell among those where no seed diverged (a run
+stops at a non-finite update; its metrics are those of the model before): the highest mean over
+seeds of ``last10`` validation accuracy (``val_acc``, the in-distribution set held out of the clients' data); its
 test accuracies there are the method's result. The cell with the best OOD test accuracy is
 reported too, as the *oracle*, in a column of its own: it is chosen on the test set, so it is an
 upper bound, never a result.
@@ -61,7 +62,9 @@ def per_seed(rows: Sequence[dict[str, Any]], window: int = 10) -> dict[int, dict
             "final": {m: final.get(m) for m in METRICS},
             "last10": {m: _mean_or_none([r[m] for r in recent if r.get(m) is not None])
                        for m in METRICS},
-            "mask_density": _mean_or_none([r["mask_density"] for r in mine]),
+            "mask_density": _mean_or_none([r["mask_density"] for r in mine
+                                           if r.get("mask_density") is not None]),
+            "diverged": any(r.get("diverged") for r in mine),
         }
     return out
 
@@ -120,6 +123,7 @@ def analyse(cells: Sequence[tuple[Values, Path, dict[str, str]]],
                for when in ("final", "last10")},
             "mask_density": mean_std([s["mask_density"] for s in seeds.values()
                                       if s["mask_density"] is not None]),
+            "diverged": sum(s["diverged"] for s in seeds.values()),
             "paired_vs_baseline": _paired(seeds, base_of(values)),
             "ood_curve": curves[(method, values)],
         })
@@ -139,12 +143,15 @@ def analyse(cells: Sequence[tuple[Values, Path, dict[str, str]]],
 
 
 def _select(method: str, cells: list[dict], report: dict) -> dict | None:
-    """``method``'s cell of best mean validation accuracy, and its oracle (best OOD test)."""
+    """``method``'s cell of best mean validation accuracy among those where no seed diverged,
+    and its oracle (best OOD test)."""
     if not cells:
         return None
-    scored = [c for c in cells if c[SELECT_BY[0]][SELECT_BY[1]] is not None]
+    scored = [c for c in cells if c[SELECT_BY[0]][SELECT_BY[1]] is not None and not c["diverged"]]
     if not scored:
-        warning = f"{method}: no validation accuracy (validation_fraction = 0): nothing selected"
+        why = "every cell diverged on some seed" if all(c["diverged"] for c in cells) \
+            else "no validation accuracy (validation_fraction = 0)"
+        warning = f"{method}: {why}: nothing selected"
         if warning not in report["warnings"]:
             report["warnings"].append(warning)
         return None
@@ -220,9 +227,11 @@ def format_report(report: dict[str, Any]) -> str:
               f"Final-round accuracies in % and the mean of the last 10 rounds' evaluations "
               f"(OOD last 10); Δ OOD: paired difference to {base} at the same settings.", ""]
     parts.append(_table(
-        ("method", "settings", "seeds", "val (last 10)", "ID test", "OOD test", "OOD last 10",
-         "color reliance", "mask density", f"Δ OOD vs {base}"),
-        [(c["method"], _settings(c["values"]), str(len(c["seeds"])), _pct(c["last10"]["val_acc"]),
+        ("method", "settings", "seeds (diverged)", "val (last 10)", "ID test", "OOD test",
+         "OOD last 10", "color reliance", "mask density", f"Δ OOD vs {base}"),
+        [(c["method"], _settings(c["values"]),
+          f"{len(c['seeds'])}" + (f" ({c['diverged']})" if c["diverged"] else ""),
+          _pct(c["last10"]["val_acc"]),
           _pct(c["final"]["test_acc"]), _pct(c["final"]["ood_acc"]), _pct(c["last10"]["ood_acc"]),
           _pct(c["final"]["color_reliance"]),
           f"{c['mask_density']['mean']:.2f}" if c["mask_density"] else "n/a",

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gma_kernels import NonFiniteError
+
 from .algorithms import Algorithm, Round, build_algorithm
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (CheckpointError, capture_rng, load_checkpoint, restore_rng,
+                         save_checkpoint)
 from .client import ClientData, build_trainer, estimate_client_bytes, resolve_engine
 from .config import Config
 from .data import FederatedDataset, load_federated
@@ -188,15 +191,20 @@ def color_reliance(model: nn.Module, x: Tensor) -> float:
     return changed.item() / len(x)
 
 
-def load_data(config: Config, seed: int) -> FederatedDataset:
-    """The federated dataset for ``seed``, moved to the run's device once; the clients'
-    examples are consecutive views of one pair of tensors (``ClientData`` reads them in place)."""
-    data = load_federated(config.dataset, num_clients=config.num_clients, split=config.split,
+def read_data(config: Config, seed: int) -> FederatedDataset:
+    """The federated dataset ``config`` describes for ``seed``, on the host."""
+    return load_federated(config.dataset, num_clients=config.num_clients, split=config.split,
                           alpha=config.alpha, seed=seed, data_dir=config.data_dir,
                           download=config.download, min_client_size=config.min_client_size,
                           max_train=config.max_train, validation_fraction=config.validation_fraction,
                           label_noise=config.label_noise, color_flip_range=config.color_flip_range,
                           reversed_color_fraction=config.reversed_color_fraction)
+
+
+def load_data(config: Config, seed: int) -> FederatedDataset:
+    """The federated dataset for ``seed``, moved to the run's device once; the clients'
+    examples are consecutive views of one pair of tensors (``ClientData`` reads them in place)."""
+    data = read_data(config, seed)
     device = config.torch_device()
     move = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
     sizes = [len(y) for _, y in data.clients]
@@ -237,8 +245,11 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         if checkpoint["config"] != config.to_dict():
-            raise ValueError(f"the checkpoint in {run_dir} was written with other settings "
-                             "than its config.toml")
+            changed = sorted(k for k, v in config.to_dict().items()
+                             if checkpoint["config"].get(k) != v)
+            raise CheckpointError(f"{run_dir / 'config.toml'} was edited after the checkpoint "
+                                  f"was written ({', '.join(changed)} differ): restore it, or "
+                                  "start a new run with the new settings")
         first, rows, state = checkpoint["job"], checkpoint["rows"], checkpoint["state"]
         start_round = checkpoint["round"] + 1
     if resume:
@@ -270,8 +281,23 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
                 sim.load_state_dict(state)
             bar.set_description(f"{method} seed {seed}")
             for r in range(start_round, config.rounds + 1):
+                try:
+                    metrics = sim.round()
+                except NonFiniteError as err:  # the server is as it was before the round
+                    row = dict.fromkeys(COLUMNS) | {"method": method, "seed": seed, "round": r,
+                                                     "diverged": True}
+                    if main:
+                        row.update(sim.evaluate())
+                        bar.write(f"{method} seed {seed} diverged in round {r} ({err}); its run "
+                                  "stops there, with the model of the round before")
+                    rows.append(row)
+                    bar.update(config.rounds - r + 1)
+                    if main:
+                        save_model(sim.server.model, run_dir / f"model-{method}-seed{seed}.pt")
+                        save(job + 1, 0, None)
+                    break
                 row = dict.fromkeys(COLUMNS) | {"method": method, "seed": seed, "round": r,
-                                                 **sim.round()}
+                                                 **metrics}
                 last = r == config.rounds
                 if main and (last or r % config.eval_every == 0):
                     row.update(sim.evaluate())

@@ -15,7 +15,6 @@ and resumes with ``python -m fedsim.sweep --resume SWEEP_DIR``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -25,7 +24,8 @@ from typing import Any
 from .config import Config, ConfigError
 from .data.sources import source_available
 from .io import atomic_write
-from .sweep import Sweep, analyse_sweep, run_sweep
+from .run import OneLineParser
+from .sweep import Sweep, run_and_report
 
 SCALES = ("small", "full")
 SEEDS = (0, 1, 2, 3, 4)
@@ -93,8 +93,8 @@ def build(name: str, scale: str, overrides: dict[str, Any] | None = None) -> Swe
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m fedsim.recipes",
-                                     description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m fedsim.recipes",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("recipe", choices=list(RECIPES))
     parser.add_argument("--scale", choices=SCALES, default="small")
     parser.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2,3,4)")
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sweep_dir.mkdir(parents=True)
     atomic_write(sweep_dir / "sweep.toml", sweep.to_toml())
     print(f"sweep folder: {sweep_dir}", flush=True)
-    report = analyse_sweep(sweep_dir, sweep, run_sweep(sweep_dir, sweep, progress=not args.quiet))
+    report = run_and_report(parser, sweep_dir, sweep, progress=not args.quiet)
     print((sweep_dir / "summary.md").read_text())
     return report
 

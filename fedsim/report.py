@@ -12,10 +12,11 @@ from typing import Any
 from .io import atomic_write
 from .methods import plain_name
 
-#: one metrics row per round per method per seed; evaluation columns are None between evaluations
+#: one metrics row per round per method per seed; evaluation columns are None between
+#: evaluations; ``diverged`` is True on the last row of a run stopped by a non-finite update
 COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreement",
            "floats_down", "floats_up", "comm_vs_fedavg", "val_acc", "val_loss", "test_acc",
-           "test_loss", "ood_acc", "ood_loss", "color_reliance")
+           "test_loss", "ood_acc", "ood_loss", "color_reliance", "diverged")
 FINAL_METRICS = ("test_acc", "ood_acc")
 
 

@@ -30,7 +30,7 @@ import torch
 from .config import FIELD_TYPES, Config, ConfigError
 from .distributed import DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session
 from .io import atomic_write
-from .loop import run_experiment
+from .loop import read_data, run_experiment
 from .report import format_paired, format_table, plot_accuracy, summarize, write_results
 
 #: extra spellings of a setting's flag
@@ -42,8 +42,16 @@ ALIASES = {"algorithms": ("--compare", "--algorithm")}
 DEFAULT_COMPARISON = {"gma_server_lr": 2.0, "gma_tau": 0.2}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points to ``--help`` (not the usage
+    block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m fedsim.run",
         description="Simulate federated learning through gma_kernels. With no setting at all: "
                     "FedAvg against FedGMA on colored digits split non-IID (shards), each at "
@@ -51,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "server lr 1; FedGMA: --gma-server-lr 2 --gma-tau 0.2). Any setting given "
                     "starts from the defaults below instead.",
         epilog="A run folder (OUT_DIR/<time>-<name>) receives config.toml, metrics.jsonl, "
-               "metrics.csv, results.json, accuracy.png, one model-<algorithm>-seed<n>.pt per "
-               "run and checkpoint.pt.", argument_default=argparse.SUPPRESS)
+               "metrics.csv, results.json, results.md, accuracy.png, one "
+               "model-<algorithm>-seed<n>.pt per run, checkpoint.pt and the one before it, "
+               "checkpoint-previous.pt.", argument_default=argparse.SUPPRESS)
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a stopped run from its checkpoint, with its config.toml")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,10 +110,15 @@ def _type_name(hint: Any) -> str:
 
 def _parser_for(hint: Any) -> Callable[[str], Any]:
     """str -> value for a field's type (``X | None`` parses as X; a tuple from a comma-separated
-    list); Config then checks the value."""
+    list); Config then checks the value. Its ``__name__`` is what argparse calls the type in an
+    error (``invalid list of int value: 'a,b'``)."""
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
-        return lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())
+
+        def parse(text: str) -> tuple:
+            return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+        parse.__name__ = f"list of {item.__name__}"
+        return parse
     return typing.get_args(hint)[0] if typing.get_args(hint) else hint
 
 
@@ -145,6 +159,13 @@ def resolve(args: argparse.Namespace,
     return Config.from_dict(settings, source="the command line"), None
 
 
+def check_data(config: Config) -> None:
+    """Load the first seed's data once, so that settings only the data can refuse (more
+    clients than examples, a Dirichlet split that cannot give every client its minimum, a
+    dataset that is not on this machine) fail before the run folder is made."""
+    read_data(config, config.seeds[0])
+
+
 def create_run_dir(config: Config) -> Path:
     """A new run folder for ``config``, holding its config.toml."""
     run_dir = new_run_dir(config)
@@ -159,22 +180,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         config, run_dir = resolve(args, parser)
-    except ConfigError as err:
+        check_data(config)  # what only the data can tell, before any folder exists
+    except (ConfigError, ValueError, OSError) as err:
         parser.error(str(err))
     try:
         with distributed_session(config.torch_device(),
                                  getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)) as comm:
             resume = run_dir is not None
             if not resume:  # rank 0 makes the folder and tells the others
-                run_dir = comm.broadcast_object(create_run_dir(config) if comm.is_main else None)
+                try:
+                    made = create_run_dir(config) if comm.is_main else None
+                except OSError as err:
+                    parser.error(f"cannot create a run folder in out_dir={config.out_dir!r}: "
+                                 f"{err.strerror or err}")
+                run_dir = comm.broadcast_object(made)
             if comm.is_main:
                 print(f"run folder: {run_dir}", flush=True)
             start = time.perf_counter()
             try:
                 rows = run_experiment(config, run_dir, resume=resume,
                                       progress="quiet" not in args, comm=comm)
-            except OSError as err:  # e.g. a dataset that is not on this machine
-                parser.exit(1, f"error: {err}\n")
+            except (ValueError, OSError) as err:  # a damaged checkpoint, a full disk...
+                parser.exit(1, f"{parser.prog}: error: {err}\n")
+            except KeyboardInterrupt:
+                parser.exit(130, f"\ninterrupted: continue from the last checkpoint with "
+                                 f"{parser.prog} --resume {run_dir}\n")
             if not comm.is_main:
                 return {}
             summary = summarize(rows)

@@ -41,7 +41,7 @@ from .io import atomic_write
 from .loop import run_experiment
 from .methods import is_masked, plain_name
 from .report import plot_accuracy, summarize, write_results
-from .run import add_settings, parse_value
+from .run import OneLineParser, add_settings, parse_value
 
 #: settings a sweep cannot vary (its own axes, or where the cells go)
 FIXED = ("algorithms", "seeds", "out_dir", "name")
@@ -226,8 +226,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, tuple[Any, ...]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fedsim.sweep", description=__doc__.splitlines()[0],
+    parser = OneLineParser(
+        prog="python -m fedsim.sweep", description=__doc__.splitlines()[0].replace("``", ""),
         epilog="A list-valued setting takes its values separated by ';' "
                "(--grid color_flip_range='0.1,0.2;0.05,0.1').", argument_default=argparse.SUPPRESS)
     parser.add_argument("--grid", action="append", metavar="SETTING=V1,V2,...",
@@ -285,10 +285,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except (ConfigError, OSError) as err:
         parser.error(str(err))
     print(f"sweep folder: {sweep_dir}", flush=True)
-    report = analyse_sweep(sweep_dir, sweep, run_sweep(sweep_dir, sweep,
-                                                       progress="quiet" not in args))
+    report = run_and_report(parser, sweep_dir, sweep, progress="quiet" not in args)
     print((sweep_dir / "summary.md").read_text())
     return report
+
+
+def run_and_report(parser: argparse.ArgumentParser, sweep_dir: Path, sweep: Sweep, *,
+                   progress: bool) -> dict[str, Any]:
+    """Run the sweep and write its report; a failure or Ctrl-C ends with one line that says
+    how to continue (``--resume``)."""
+    resume = f"python -m fedsim.sweep --resume {sweep_dir}"
+    try:
+        return analyse_sweep(sweep_dir, sweep, run_sweep(sweep_dir, sweep, progress=progress))
+    except (ValueError, OSError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err} (then: {resume})\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\ninterrupted: continue with {resume}\n")
 
 
 if __name__ == "__main__":

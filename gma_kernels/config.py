@@ -19,6 +19,11 @@ OPTIMIZER_KINDS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 PLACEMENTS = ("before", "after")
 NONFINITE_POLICIES = ("raise", "drop", "unchecked")
 
+
+class NonFiniteError(ValueError):
+    """An aggregation refused because an update, or its result, is not finite (NaN or inf):
+    params and optimizer state are left unchanged. The message names the clients."""
+
 #: number of optimizer state buffers each kind keeps (``v`` for momentum, ``m, v`` for adaptive)
 STATE_COUNT = {"sgd": 0, "momentum": 1, "adam": 2, "yogi": 2, "adagrad": 2}
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .batch import ClientBatch
-from .config import NONFINITE_POLICIES, MaskConfig, NonFinitePolicy, _check_choice
+from .config import NONFINITE_POLICIES, MaskConfig, NonFiniteError, NonFinitePolicy, _check_choice
 from .job import Job, Outcome
 
 BACKENDS = ("auto", "triton", "torch")
@@ -92,17 +92,17 @@ def execute(job: Job, raw_weights: tuple[float, ...], *, nonfinite: NonFinitePol
         return stats
     bad = nonfinite_clients(job.batch)
     if not bad:
-        raise ValueError(_OVERFLOW)
+        raise NonFiniteError(_OVERFLOW)
     names = ", ".join(f"updates[{k}]" for k in bad)
     if nonfinite == "raise":
-        raise ValueError(f"{names} contain non-finite values (NaN or inf); params and optimizer "
+        raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); params and optimizer "
                          "state left unchanged (nonfinite='drop' aggregates the other clients)")
     keep = [k for k in range(job.batch.num_clients) if k not in bad]
     if not keep:
-        raise ValueError(f"every update is non-finite ({names}); params left unchanged")
+        raise NonFiniteError(f"every update is non-finite ({names}); params left unchanged")
     stats = _run(impl, replace(job, batch=job.batch.subset(keep, raw_weights)))
     if stats is None:
-        raise ValueError(_OVERFLOW)
+        raise NonFiniteError(_OVERFLOW)
     return replace(stats, dropped=tuple(bad))
 
 

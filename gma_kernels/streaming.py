@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _torch
 from .batch import ClientBatch, Updates, Weights, make_batch
-from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, _check_choice
+from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFiniteError, NonFinitePolicy, _check_choice
 from .engine import GMAStats, nonfinite_clients, resolve_backend
 
 
@@ -76,7 +76,7 @@ class Accumulator:
             bad = nonfinite_clients(batch)
             if bad and self.nonfinite == "raise":
                 names = ", ".join(f"update #{self._seen + k}" for k in bad)
-                raise ValueError(f"{names} contain non-finite values (NaN or inf); "
+                raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); "
                                  "accumulator left unchanged")
             self.dropped.extend(self._seen + k for k in bad)
             keep = [k for k in keep if k not in bad]
@@ -125,11 +125,11 @@ class Accumulator:
         stats = GMAStats(torch.stack((m.sum(), agree.sum()))[None], self.numel, k,
                          tuple(self.dropped))
         if not bool(torch.isfinite(mean).all()):
-            raise ValueError("the accumulated sum overflowed float32")
+            raise NonFiniteError("the accumulated sum overflowed float32")
         if config.rescale:
             m.mul_(1.0 / (stats.density + 1e-12))
             if not bool(torch.isfinite(mean * m).all()):
-                raise ValueError("the rescaled average overflowed float32; nothing was stepped")
+                raise NonFiniteError("the rescaled average overflowed float32; nothing was stepped")
         return mean, m, stats
 
     def masked_mean(self, *, tau: float = 0.4, mask: MaskKind = "soft",

@@ -11,7 +11,8 @@ from fedsim.models import build_model
 from fedsim.run import main
 
 RUN_FILES = {"config.toml", "metrics.jsonl", "metrics.csv", "results.json", "results.md", "accuracy.png",
-             "checkpoint.pt", "model-fedavg-seed0.pt", "model-fedgma-seed0.pt"}
+             "checkpoint.pt", "checkpoint-previous.pt", "model-fedavg-seed0.pt",
+             "model-fedgma-seed0.pt"}
 
 
 @pytest.mark.parametrize("module", ["fedsim.run", "fedsim"])
@@ -33,13 +34,34 @@ def test_help_as_a_module(module, cli):
     (["--resume", "somewhere", "--rounds", "3"],
      "--resume continues a run with its own config.toml; drop --rounds"),
     (["--resume", "nowhere"], "no config.toml there"),
+    (["--seeds", "a,b"], "argument --seeds: invalid list of int value: 'a,b'"),
+    # what only the data can refuse, still before the run folder exists
+    (["--num-clients", "5000"], "num_clients=5000 exceeds the 1438 training examples"),
+    (["--max-train", "5"], "num_clients=10 exceeds the 5 training examples"),
+    (["--split", "dirichlet", "--min-client-size", "1000"], "dirichlet split cannot give 10"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent"], "MNIST not found under /nonexistent"),
+    (["--validation-fraction", "0.01", "--max-train", "100"], "holds out no example"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--out-dir", str(tmp_path)] if "--resume" not in argv else argv)
     assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err  # one line, no usage block
+    assert err.strip().endswith("(see python -m fedsim.run --help)")
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_an_unusable_out_dir_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--rounds", "1", "--out-dir", str(blocker)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot create a run folder in out_dir={str(blocker)!r}" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_two_round_run_writes_the_whole_run_folder(tmp_path, tiny, flags, capsys):
@@ -80,13 +102,6 @@ def test_unknown_toml_key_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(path)])
     assert exit_.value.code == 2 and "unknown key(s)" in capsys.readouterr().err
-
-
-def test_missing_dataset_exits_1_with_the_data_module_hint(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--quiet", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--seeds", "0",
-              "--out-dir", str(tmp_path / "runs")])
-    assert exit_.value.code == 1 and "error: MNIST not found" in capsys.readouterr().err
 
 
 def test_the_run_without_settings_is_the_protocol_choice_and_any_setting_starts_from_defaults():

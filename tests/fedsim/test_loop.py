@@ -152,3 +152,20 @@ def test_simulation_state_restores_an_exact_continuation(tmp_path, tiny):
     assert got == expected
     assert torch.equal(second.server.params, straight.server.params)
     assert torch.equal(second.server.optimizer.states[0], straight.server.optimizer.states[0])
+
+
+def test_a_diverging_run_stops_with_the_model_before_and_the_others_go_on(tmp_path, tiny):
+    """lr 1e38 overflows the local step, so every update is non-finite in round 1: that run
+    stops there (its row marked ``diverged``, evaluated on the untouched model), and the next
+    method still runs; resuming changes nothing."""
+    from fedsim.report import summarize
+    config = Config(**{**tiny, "algorithms": ("fedavg", "fedgma"), "lr": 1e38, "rounds": 3,
+                       "eval_every": 1})
+    rows = run_experiment(config, tmp_path, progress=False)
+    assert [(r["method"], r["round"], r["diverged"]) for r in rows] == [
+        ("fedavg", 1, True), ("fedgma", 1, True)]
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)  # the initial model, evaluated
+    init = torch.load(tmp_path / "model-fedavg-seed0.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in init.values())
+    assert summarize(rows)["fedgma"]["test_acc"]["per_seed"] == {0: rows[1]["test_acc"]}
+    assert run_experiment(config, tmp_path, resume=True, progress=False) == rows

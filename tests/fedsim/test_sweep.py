@@ -164,3 +164,16 @@ def test_resume_refuses_new_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", str(tmp_path)])
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_cell_that_diverged_on_a_seed_is_never_chosen(tmp_path):
+    folders = []
+    for i, (lr, val, diverged) in enumerate([(1.0, .70, False), (2.0, .90, True)]):
+        rows = rows_of("fedavg", {0: (val, .8, .3), 1: (val, .8, .3)})
+        rows[-1]["diverged"] = diverged
+        write_cell(tmp_path / str(i), rows)
+        folders.append(((("server_lr", lr),), tmp_path / str(i), {}))
+    report = analyse(folders, {"server_lr": (1.0, 2.0)})
+    (pick,) = report["selection"]
+    assert pick["values"] == {"server_lr": 1.0}
+    assert [c["diverged"] for c in report["cells"]] == [0, 1]

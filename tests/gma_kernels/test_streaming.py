@@ -212,5 +212,5 @@ def test_rescale_overflow_raises_in_streaming_like_the_batch_api():
     u[:, 1:] *= -1
     u[1, 1:] *= -1  # coordinates 1..3 disagree: the hard mask keeps only coordinate 0
     acc = gk.Accumulator(4).add(u)
-    with pytest.raises(ValueError, match="overflow"):
+    with pytest.raises(gk.NonFiniteError, match="overflow"):
         acc.masked_mean(tau=1.0, mask="hard", rescale=True)
