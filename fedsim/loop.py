@@ -270,7 +270,7 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
         write_metrics(run_dir, rows)
 
     data, data_seed = None, None
-    with tqdm(total=len(jobs) * config.rounds, initial=len(rows),
+    with tqdm(total=len(jobs) * config.rounds, initial=first * config.rounds + start_round - 1,
               disable=not (progress and main), unit="round", dynamic_ncols=True) as bar:
         for job in range(first, len(jobs)):
             seed, method = jobs[job]
@@ -279,7 +279,7 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
             sim = Simulation(config, data, method, seed, comm)
             if state is not None:
                 sim.load_state_dict(state)
-            bar.set_description(f"{method} seed {seed}")
+            bar.set_description(f"{method} seed {seed} (run {job + 1}/{len(jobs)})")
             for r in range(start_round, config.rounds + 1):
                 try:
                     metrics = sim.round()

@@ -70,6 +70,8 @@ def test_two_round_run_writes_the_whole_run_folder(tmp_path, tiny, flags, capsys
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.endswith("-smoke")
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    from fedsim.io import FILE_MODE
+    assert {p.stat().st_mode & 0o777 for p in run_dir.iterdir()} == {FILE_MODE}  # the umask's
     out = capsys.readouterr().out
     assert f"run folder: {run_dir}" in out and "OOD accuracy %" in out
 
