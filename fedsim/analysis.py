@@ -25,7 +25,7 @@ from typing import Any
 
 from .io import atomic_write
 from .algorithms import matters
-from .methods import is_masked
+from .methods import is_masked, plain_name
 
 METRICS = ("val_acc", "test_acc", "ood_acc", "color_reliance")
 #: the criterion a method's settings are chosen by
@@ -130,19 +130,25 @@ def analyse(cells: Sequence[tuple[Values, Path, dict[str, str]]],
     for condition in itertools.product(*(grid[k] for k in conditions)):
         where = dict(zip(conditions, condition))
         here = [c for c in report["cells"] if all(c["values"].get(k) == v for k, v in where.items())]
-        picks = {m: _select(m, [c for c in here if c["method"] == m], report) for m in methods}
+        picks = {m: _select(m, [c for c in here if c["method"] == m], report, where)
+                 for m in methods}
         base = picks.get(baseline)
+
+        def at_choice(pick: dict) -> dict[int, dict]:
+            return entries[(pick["method"], _key(pick["values"]))]
+
         for method, row in picks.items():
             if row is None:
                 continue
             row["condition"] = where
-            row["paired_vs_baseline"] = base and _paired(
-                entries[(method, _key(row["values"]))], entries[(baseline, _key(base["values"]))])
+            row["paired_vs_baseline"] = base and _paired(at_choice(row), at_choice(base))
+            twin = picks.get(plain_name(method)) if is_masked(method) else None
+            row["paired_vs_plain"] = twin and _paired(at_choice(row), at_choice(twin))
             report["selection"].append(row)
     return report
 
 
-def _select(method: str, cells: list[dict], report: dict) -> dict | None:
+def _select(method: str, cells: list[dict], report: dict, where: dict[str, Any]) -> dict | None:
     """``method``'s cell of best mean validation accuracy among those where no seed diverged,
     and its oracle (best OOD test)."""
     if not cells:
@@ -151,7 +157,7 @@ def _select(method: str, cells: list[dict], report: dict) -> dict | None:
     if not scored:
         why = "every cell diverged on some seed" if all(c["diverged"] for c in cells) \
             else "no validation accuracy (validation_fraction = 0)"
-        warning = f"{method}: {why}: nothing selected"
+        warning = f"{method}{f' ({_settings(where)})' if where else ''}: {why}: nothing selected"
         if warning not in report["warnings"]:
             report["warnings"].append(warning)
         return None
@@ -208,11 +214,13 @@ def format_report(report: dict[str, Any]) -> str:
     parts += ["## Each method at its settings chosen on validation accuracy "
               f"({report['select_by']})", "",
               f"Accuracies in % (final round), mean ± std over seeds; Δ: paired difference to "
-              f"{base} at its own chosen settings, same seeds. The oracle column is chosen on "
-              "the OOD test set: an upper bound, not a result.", ""]
+              f"{base} (and, for a GMA method, to the same algorithm without GMA), each at its "
+              "own chosen settings, same seeds. The oracle column is chosen on the OOD test "
+              "set: an upper bound, not a result.", ""]
     parts.append(_table(
         ("condition", "method", "chosen settings", "val", "ID test", "OOD test", "color reliance",
-         f"Δ ID vs {base}", f"Δ OOD vs {base}", "oracle OOD (test-chosen)", "oracle settings"),
+         f"Δ ID vs {base}", f"Δ OOD vs {base}", "Δ OOD vs the method without GMA",
+         "oracle OOD (test-chosen)", "oracle settings"),
         [(_settings(s["condition"]) if s["condition"] else "all", s["method"],
           _settings({k: v for k, v in s["values"].items() if k not in s["condition"]}),
           _pct(s["last10"]["val_acc"]),
@@ -220,6 +228,8 @@ def format_report(report: dict[str, Any]) -> str:
           _pct(s["final"]["color_reliance"]),
           *(_pct((s.get("paired_vs_baseline") or {}).get(m), signed=True)
             for m in ("test_acc", "ood_acc")),
+          _pct((s.get("paired_vs_plain") or {}).get("ood_acc"), signed=True)
+          if s.get("paired_vs_plain") else "",
           _pct(s["oracle"] and s["oracle"]["ood_acc"]),
           _settings(s["oracle"]["values"]) if s["oracle"] else "n/a")
          for s in report["selection"]]))

@@ -94,11 +94,13 @@ class Config:
                                      "their own (fedavgm, fedadam, fedyogi, fedadagrad do)",
                                      OPTIMIZER_KINDS)
     server_lr: float = _setting(1.0, "server learning rate")
-    momentum_server_lr: float | None = _setting(None, "server learning rate when the server optimizer "
-                                                "is momentum, e.g. fedavgm (default: server_lr)")
-    adaptive_server_lr: float | None = _setting(None, "server learning rate when the server optimizer "
-                                                "is adam, yogi or adagrad, e.g. fedadam "
-                                                "(default: server_lr)")
+    momentum_server_lr: float | None = _setting(0.3, "server learning rate when the server optimizer "
+                                                "is momentum, e.g. fedavgm (with momentum 0.9 an "
+                                                "effective step of 3)")
+    adaptive_server_lr: float | None = _setting(0.03, "server learning rate when the server "
+                                                "optimizer is adam, yogi or adagrad, e.g. fedadam "
+                                                "(within Reddi et al. 2021's tuned range, 1e-3 to "
+                                                "1e-1; server_lr's 1.0 collapses to the color rule)")
     gma_server_lr: float | None = _setting(None, "server learning rate of the GMA methods whose "
                                            "server optimizer is sgd, e.g. fedgma (default: "
                                            "server_lr)")
