@@ -96,7 +96,11 @@ def check_weights(weights: Weights, num_clients: int, *, allow_zero_sum: bool = 
 
 def _as_float64(weights: Sequence[float]) -> np.ndarray:
     """A sequence of numbers as a 1-D float64 array (element by element where NumPy cannot
-    convert it at once, e.g. 0-d CUDA tensors)."""
+    convert it at once, e.g. 0-d CUDA tensors); strings and bools are refused, not parsed."""
+    items = weights.tolist() if isinstance(weights, np.ndarray) else weights
+    if isinstance(items, (str, bytes)) or (isinstance(items, Sequence) and any(
+            isinstance(p, (str, bytes, bool, np.bool_)) for p in items)):
+        raise TypeError(f"weights must be numbers, got {weights!r}")
     try:
         values = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError, RuntimeError):
@@ -177,3 +181,6 @@ def check_params(params: Tensor, batch: ClientBatch, name: str = "params") -> No
         raise ValueError(f"{name} is on {params.device} but the updates are on {batch.device}")
     if not params.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is written in place)")
+    if params.requires_grad:
+        raise ValueError(f"{name} requires grad, so it cannot be stepped in place: pass a tensor "
+                         "outside autograd (FlatParams(model).buffer, or params.detach())")

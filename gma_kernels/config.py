@@ -5,9 +5,13 @@ Every check on hyperparameters lives here (``__post_init__``), so the kernels ne
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
+
+import numpy as np
+import torch
 
 MaskKind = Literal["soft", "hard"]
 OptimizerKind = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
@@ -33,10 +37,48 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def as_number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (Python, NumPy, or a 0-d real torch tensor;
+    not a bool, not a string), else None. A number of less than 64 bits is read by its
+    shortest decimal form (``np.float32(0.4)`` is 0.4, not 0.4000000059604645), as the user
+    wrote it."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        narrow = value.is_floating_point() and value.dtype != torch.float64
+        value = np.float32(value.item()) if narrow else value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
+    return float(value)
+
+
+def as_count(name: str, value: object, low: int = 1) -> int:
+    """``value`` as an int ``>= low`` (Python, NumPy or 0-d integer tensor), else ValueError."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (or a NumPy bool), else ValueError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_finite(name: str, value: float, *, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """``value`` as a float, checked finite and within the bounds, else ValueError."""
+    number = as_number(value)
+    if number is None or not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = number
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
@@ -68,8 +110,10 @@ class MaskConfig:
     rescale: bool = False
 
     def __post_init__(self) -> None:
-        _check_finite("tau", self.tau, low=0.0, high=1.0)
+        object.__setattr__(self, "tau", _check_finite("tau", self.tau, low=0.0, high=1.0))
         _check_choice("mask", self.mask, MASK_KINDS)
+        for name in ("weighted_agreement", "rescale"):
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
     def count_threshold(self, num_clients: int) -> float:
         """Smallest integer sign count ``c`` with ``c / K ≥ τ``, so the unweighted mask is a
@@ -108,11 +152,11 @@ class StepConfig:
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.kind, OPTIMIZER_KINDS)
         _check_choice("mask_placement", self.placement, PLACEMENTS)
-        _check_finite("lr", self.lr, low=0.0)
-        _check_finite("momentum", self.momentum, low=0.0, high=1.0)
-        _check_finite("beta1", self.beta1, low=0.0, high=1.0)
-        _check_finite("beta2", self.beta2, low=0.0, high=1.0)
-        _check_finite("eps", self.eps, low=0.0, low_open=True)
+        for name, bounds in (("lr", {"low": 0.0}), ("momentum", {"low": 0.0, "high": 1.0}),
+                             ("beta1", {"low": 0.0, "high": 1.0}),
+                             ("beta2", {"low": 0.0, "high": 1.0}),
+                             ("eps", {"low": 0.0, "low_open": True})):
+            object.__setattr__(self, name, _check_finite(name, getattr(self, name), **bounds))
 
     @property
     def state_count(self) -> int:

@@ -42,7 +42,12 @@ class ServerOptimizer:
                              "applies to the masked average the optimizer sees)")
         if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype != torch.float32 \
                 or not params.is_contiguous():
-            raise ValueError("params must be a contiguous 1-D float32 tensor (see flatten_module)")
+            raise ValueError("params must be a contiguous 1-D float32 tensor (FlatParams(model)"
+                             ".buffer is one)")
+        if params.requires_grad:
+            raise ValueError("params requires grad, so it cannot be stepped in place: pass a "
+                             "tensor outside autograd (FlatParams(model).buffer, or "
+                             "params.detach())")
         self.params = params
         self.states = tuple(torch.zeros_like(params) for _ in range(self.step_config.state_count))
         self.backend = backend

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from . import _torch
 from .batch import ClientBatch, Updates, Weights, make_batch
-from .config import NONFINITE_POLICIES, MaskConfig, MaskKind, NonFiniteError, NonFinitePolicy, _check_choice
+from .config import (NONFINITE_POLICIES, MaskConfig, MaskKind, NonFiniteError, NonFinitePolicy,
+                     _check_choice, as_count, as_number, check_bool)
 from .engine import GMAStats, nonfinite_clients, resolve_backend
 
 
@@ -27,11 +28,10 @@ class Accumulator:
     def __init__(self, numel: int, *, device: torch.device | str = "cpu",
                  weighted_agreement: bool = False, backend: str = "auto",
                  nonfinite: NonFinitePolicy = "raise") -> None:
-        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-            raise ValueError(f"numel must be a positive integer, got {numel!r}")
+        numel = as_count("numel", numel)
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.numel = numel
-        self.weighted_agreement = weighted_agreement
+        self.weighted_agreement = check_bool("weighted_agreement", weighted_agreement)
         self.backend = backend
         self.nonfinite = nonfinite
         self.buffer = torch.zeros(2 * numel + 2, dtype=torch.float32, device=device)
@@ -65,7 +65,7 @@ class Accumulator:
         """
         if isinstance(updates, Tensor) and updates.dim() == 1:
             updates = [updates]
-            if isinstance(weights, (int, float)):
+            if as_number(weights) is not None:
                 weights = [weights]
         batch, raw = make_batch(updates, weights, allow_zero_sum=True)
         if batch.numel != self.numel or batch.device != self.buffer.device:

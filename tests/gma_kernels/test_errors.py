@@ -307,3 +307,62 @@ def test_triton_on_cpu_without_interpreter_is_refused():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "REFUSED" in out.stdout
+
+
+# ---------------------------------------------------------------- numbers that are not Python's
+
+import numpy as np  # noqa: E402
+
+
+@pytest.mark.parametrize("convert", [np.float64, np.float32, np.int64, torch.tensor,
+                                     lambda v: torch.tensor(v, dtype=torch.float64)],
+                         ids=["np.float64", "np.float32", "np.int64", "tensor", "tensor64"])
+def test_numpy_and_0d_tensor_numbers_are_numbers(convert):
+    updates = _updates(3)
+    want = gk.gma_step(torch.zeros(N, device=DEVICE), updates, [1.0, 2.0, 3.0], tau=0.5, lr=2.0)
+    weights = [convert(1), convert(2), convert(3)]
+    got = gk.gma_step(torch.zeros(N, device=DEVICE), updates, weights, tau=convert(0.5)
+                      if convert is not np.int64 else 0.5, lr=convert(2))
+    assert torch.equal(got, want)
+    acc = gk.Accumulator(np.int64(N) if convert is not torch.tensor else torch.tensor(N),
+                         device=DEVICE)
+    acc.add(updates[0], convert(3))
+    assert acc.num_clients == 1 and acc.weight_sum == 3.0
+    assert gk.MaskConfig(tau=np.float32(0.4)).tau == 0.4  # as written, not float32's 0.40000001
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"weights": ["1", "2", "3"]}, TypeError, "weights must be numbers"),
+    ({"weights": [True, 1, 2]}, TypeError, "weights must be numbers"),
+    ({"weights": np.array(["1", "2", "3"])}, TypeError, "weights must be numbers"),
+    ({"rescale": "yes"}, ValueError, "rescale must be True or False, got 'yes'"),
+    ({"weighted_agreement": 1}, ValueError, "weighted_agreement must be True or False"),
+    ({"tau": "0.4"}, ValueError, "tau must be a finite number, got '0.4'"),
+    ({"tau": torch.tensor([0.4])}, ValueError, "tau must be a finite number"),
+    ({"lr": True}, ValueError, "lr must be a finite number, got True"),
+])
+def test_strings_bools_and_arrays_are_not_numbers(params, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        gk.gma_step(params, _updates(3), **kwargs)
+
+
+@pytest.mark.parametrize("numel", ["10", 2.0, True, np.float64(3), torch.tensor(2.0)])
+def test_accumulator_size_must_be_an_integer(numel):
+    with pytest.raises(ValueError, match="numel must be an integer >= 1"):
+        gk.Accumulator(numel)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_params_that_require_grad_are_refused_before_any_state_moves(kind):
+    params = torch.zeros(N, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="params requires grad"):
+        gk.ServerOptimizer(params, kind)
+    opt = gk.ServerOptimizer(torch.zeros(N, device=DEVICE), kind)
+    opt.step(_updates(3))
+    states = [s.clone() for s in opt.states]
+    opt.params.requires_grad_()  # switched on after construction
+    with pytest.raises(ValueError, match="params requires grad"):
+        opt.step(_updates(3))
+    assert all(torch.equal(a, b) for a, b in zip(opt.states, states))
+    with pytest.raises(ValueError, match="params requires grad"):
+        gk.gma_step(torch.zeros(N, device=DEVICE, requires_grad=True), _updates(3))
