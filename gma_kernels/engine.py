@@ -94,12 +94,14 @@ def execute(job: Job, raw_weights: tuple[float, ...], *, nonfinite: NonFinitePol
     if not bad:
         raise NonFiniteError(_OVERFLOW)
     names = ", ".join(f"updates[{k}]" for k in bad)
+    untouched = "params and optimizer state left unchanged" if job.params is not None \
+        else "nothing was computed"
     if nonfinite == "raise":
-        raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); params and optimizer "
-                         "state left unchanged (nonfinite='drop' aggregates the other clients)")
+        raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); {untouched} "
+                             "(nonfinite='drop' aggregates the other clients)")
     keep = [k for k in range(job.batch.num_clients) if k not in bad]
     if not keep:
-        raise NonFiniteError(f"every update is non-finite ({names}); params left unchanged")
+        raise NonFiniteError(f"every update is non-finite ({names}); {untouched}")
     stats = _run(impl, replace(job, batch=job.batch.subset(keep, raw_weights)))
     if stats is None:
         raise NonFiniteError(_OVERFLOW)

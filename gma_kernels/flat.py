@@ -94,6 +94,9 @@ class FlatParams:
     """
 
     def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"FlatParams takes an nn.Module, got {type(module).__name__} (for a "
+                            "dict of tensors use flatten)")
         named = dict(module.named_parameters())
         if not named:
             raise ValueError(f"{type(module).__name__} has no parameters to flatten")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,9 +11,7 @@ from .batch import Updates, Weights, check_params, make_batch
 from .config import MaskConfig, MaskKind, NonFinitePolicy, OptimizerKind, Placement, StepConfig
 from .engine import GMAStats, execute
 from .job import Job
-
-if TYPE_CHECKING:
-    from .streaming import Accumulator
+from .streaming import Accumulator
 
 
 class ServerOptimizer:
@@ -66,6 +63,9 @@ class ServerOptimizer:
 
     def step_accumulated(self, accumulator: Accumulator) -> GMAStats:
         """Step from a streaming accumulator's sums instead of a batch of updates."""
+        if not isinstance(accumulator, Accumulator):
+            raise TypeError(f"step_accumulated takes an Accumulator, got "
+                            f"{type(accumulator).__name__} (for a list of updates use step)")
         mean, m, stats = accumulator.finalize(self.mask_config)
         if accumulator.numel != self.params.numel() or mean.device != self.params.device:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {mean.device}; "
@@ -80,12 +80,20 @@ class ServerOptimizer:
         return {"config": asdict(self.step_config), "states": [s.clone() for s in self.states]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore state saved by ``state_dict`` (same optimizer kind and size)."""
-        if state.get("config", {}).get("kind") != self.step_config.kind:
-            raise ValueError(f"state is for optimizer {state.get('config', {}).get('kind')!r}, "
+        """Restore state saved by ``state_dict`` (same optimizer kind and size, finite values);
+        anything else raises ValueError with the state left as it was."""
+        config = state.get("config") if isinstance(state, dict) else None
+        saved = state.get("states") if isinstance(state, dict) else None
+        if not isinstance(config, dict) or not isinstance(saved, (list, tuple)) \
+                or not all(isinstance(t, Tensor) for t in saved):
+            raise ValueError("not an optimizer state: state_dict() returns {'config': {...}, "
+                             "'states': [tensors]}")
+        if config.get("kind") != self.step_config.kind:
+            raise ValueError(f"state is for optimizer {config.get('kind')!r}, "
                              f"this one is {self.step_config.kind!r}")
-        saved = state["states"]
         if len(saved) != len(self.states) or any(s.shape != t.shape for s, t in zip(saved, self.states)):
             raise ValueError("saved optimizer state does not match the parameter buffer's size")
+        if not all(bool(torch.isfinite(t).all()) for t in saved):
+            raise ValueError("saved optimizer state holds non-finite values (NaN or inf)")
         for target, source in zip(self.states, saved):
             target.copy_(source)

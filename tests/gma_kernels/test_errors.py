@@ -366,3 +366,37 @@ def test_params_that_require_grad_are_refused_before_any_state_moves(kind):
     assert all(torch.equal(a, b) for a, b in zip(opt.states, states))
     with pytest.raises(ValueError, match="params requires grad"):
         gk.gma_step(torch.zeros(N, device=DEVICE, requires_grad=True), _updates(3))
+
+
+def test_masked_mean_does_not_speak_of_params_it_does_not_have():
+    updates = _updates(3)
+    updates[1, 2] = float("nan")
+    with pytest.raises(gk.NonFiniteError, match=r"updates\[1\] .*; nothing was computed"):
+        gk.masked_mean(updates)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({}, "not an optimizer state"),
+    ([1, 2], "not an optimizer state"),
+    ({"config": {"kind": "adam"}, "states": "x"}, "not an optimizer state"),
+    ({"config": {"kind": "adam"}, "states": [torch.full((N,), float("nan"))] * 2},
+     "non-finite values"),
+    ({"config": {"kind": "yogi"}, "states": [torch.zeros(N)] * 2}, "state is for optimizer 'yogi'"),
+])
+def test_a_malformed_optimizer_state_is_refused_with_the_state_untouched(state, message):
+    opt = gk.ServerOptimizer(torch.zeros(N, device=DEVICE), "adam")
+    opt.step(_updates(3))
+    before = [s.clone() for s in opt.states]
+    if isinstance(state, dict) and isinstance(state.get("states"), list):
+        state = {**state, "states": [t.to(DEVICE) for t in state["states"]]}
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(opt.states, before))
+
+
+def test_wrong_types_are_named():
+    opt = gk.ServerOptimizer(torch.zeros(N, device=DEVICE))
+    with pytest.raises(TypeError, match="step_accumulated takes an Accumulator, got list"):
+        opt.step_accumulated([_updates(1)[0]])
+    with pytest.raises(TypeError, match="FlatParams takes an nn.Module, got dict"):
+        gk.FlatParams({"w": torch.zeros(3)})
