@@ -8,8 +8,9 @@ from torch import Tensor
 
 from . import _torch
 from .batch import Updates, Weights, check_params, make_batch
-from .config import MaskConfig, MaskKind, NonFinitePolicy, OptimizerKind, Placement, StepConfig
-from .engine import GMAStats, execute
+from .config import (NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, OptimizerKind,
+                     Placement, StepConfig, _check_choice)
+from .engine import BACKENDS, GMAStats, execute
 from .job import Job
 from .streaming import Accumulator
 
@@ -45,6 +46,8 @@ class ServerOptimizer:
             raise ValueError("params requires grad, so it cannot be stepped in place: pass a "
                              "tensor outside autograd (FlatParams(model).buffer, or "
                              "params.detach())")
+        _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        _check_choice("backend", backend, BACKENDS)
         self.params = params
         self.states = tuple(torch.zeros_like(params) for _ in range(self.step_config.state_count))
         self.backend = backend

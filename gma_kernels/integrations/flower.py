@@ -45,6 +45,7 @@ Calling ``aggregate_train`` without a ``Strategy.start`` loop: set the global mo
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,7 +159,12 @@ def _values(array: Array) -> np.ndarray:
 
 
 class _GMAStrategy:
-    """The GMA half of every strategy here; placed before a Flower strategy in the bases."""
+    """The GMA half of every strategy here; placed before a Flower strategy in the bases.
+
+    ``_names`` maps the core's argument names (``StepConfig``, ``ServerOptimizer``) to the ones
+    the strategy takes, so that an error names the argument the caller wrote."""
+
+    _names: dict[str, str] = {"tau": "gma_tau", "lr": "server_learning_rate"}
 
     def __init__(self, *args: Any, gma_tau: float = 0.4, mask: MaskKind = "soft",
                  mask_placement: Placement = "before", weighted_agreement: bool = False,
@@ -186,8 +192,20 @@ class _GMAStrategy:
         self._staging: Tensor | None = None
         self._updates: Tensor | None = None
         self._host_rows: Tensor | None = None
-        # every setting checked now, by the library's own checks (on a one-element buffer)
-        self._make_optimizer(torch.zeros(1), self._step_config(1))
+        # every setting checked now, by the library's own checks (on a one-element buffer), on
+        # the values as the caller gave them (FedAdam's lr is its eta, before bias correction)
+        settings = {**self._step_settings(1), "lr": getattr(self, self._names["lr"])}
+        try:
+            self._make_optimizer(torch.zeros(1),
+                                 StepConfig(placement=self.mask_placement, **settings))
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {self._renamed(str(err))}") from None
+
+    @classmethod
+    def _renamed(cls, message: str) -> str:
+        """A core error message with its leading argument name in the strategy's terms."""
+        return re.sub(r"^(\w+)(?= must|=)", lambda m: cls._names.get(m.group(1), m.group(1)),
+                      message)
 
     # -- what each strategy defines
     def _step_settings(self, server_round: int) -> dict[str, Any]:
@@ -425,16 +443,25 @@ class GMAFedAvgM(_GMAStrategy, FedAvgM):
     pseudo-gradient ``g`` (β = ``server_momentum``, η = ``server_learning_rate``; the same
     update as FedAvgM's ``v ← β v + (w − avg)``, ``w ← w − η v``)."""
 
+    _names = {**_GMAStrategy._names, "momentum": "server_momentum"}
+
     def _step_settings(self, server_round: int) -> dict[str, Any]:
         kind = "momentum" if self.server_momentum > 0 else "sgd"
         return {"kind": kind, "lr": self.server_learning_rate,
                 "momentum": self.server_momentum if kind == "momentum" else 0.9}
 
 
+#: FedAdam/FedYogi/FedAdagrad's names for the core's arguments (their tau is the epsilon)
+_FEDOPT_NAMES = {**_GMAStrategy._names, "lr": "eta", "beta1": "beta_1", "beta2": "beta_2",
+                 "eps": "tau"}
+
+
 class GMAFedAdam(_GMAStrategy, FedAdam):
     """Flower's ``FedAdam`` with GMA: ``m ← β1 m + (1−β1) g``, ``v ← β2 v + (1−β2) g²``,
     ``w ← w + η_t m / (√v + ε)`` with Flower's bias-corrected
     ``η_t = eta · √(1 − β2^(r+1)) / (1 − β1^(r+1))`` in server round r, ε = Flower's ``tau``."""
+
+    _names = _FEDOPT_NAMES
 
     def _step_settings(self, server_round: int) -> dict[str, Any]:
         eta_norm = (self.eta * math.sqrt(1 - self.beta_2 ** (server_round + 1.0))
@@ -447,6 +474,8 @@ class GMAFedYogi(_GMAStrategy, FedYogi):
     """Flower's ``FedYogi`` with GMA: ``v ← v − (1−β2) g² sign(v − g²)``, ``w ← w + η m /
     (√v + ε)`` (η = ``eta``, ε = Flower's ``tau``, no bias correction, as Flower)."""
 
+    _names = _FEDOPT_NAMES
+
     def _step_settings(self, server_round: int) -> dict[str, Any]:
         return {"kind": "yogi", "lr": self.eta, "beta1": self.beta_1, "beta2": self.beta_2,
                 "eps": self.tau}
@@ -455,6 +484,8 @@ class GMAFedYogi(_GMAStrategy, FedYogi):
 class GMAFedAdagrad(_GMAStrategy, FedAdagrad):
     """Flower's ``FedAdagrad`` with GMA: ``v ← v + g²``, ``w ← w + η g / (√v + ε)`` (Flower's
     FedAdagrad has β1 = 0, so ``m = g``; η = ``eta``, ε = Flower's ``tau``)."""
+
+    _names = _FEDOPT_NAMES
 
     def _step_settings(self, server_round: int) -> dict[str, Any]:
         return {"kind": "adagrad", "lr": self.eta, "beta1": self.beta_1, "beta2": self.beta_2,

@@ -356,14 +356,30 @@ def test_constructor_options():
     assert FedGMA(0.5, 0.25).fraction_evaluate == 0.25  # FedAvg's positional options pass
     with pytest.raises(TypeError, match="gma_tau"):
         FedGMA(tau=0.4)
-    with pytest.raises(ValueError, match="tau"):
+    # errors name the argument as the strategy takes it
+    with pytest.raises(ValueError, match=r"^FedGMA: gma_tau must be <= 1.0, got 1.5$"):
         FedGMA(gma_tau=1.5)
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=r"^GMAFedAdam: gma_tau must be <= 1.0, got 2.0$"):
+        GMAFedAdam(gma_tau=2)
+    with pytest.raises(ValueError, match="mask='medium' is not one of"):
         GMAFedYogi(mask="medium")
     with pytest.raises(ValueError, match="rescale"):
         GMAFedAdam(rescale=True, mask_placement="after")
-    with pytest.raises(ValueError, match="eps"):
-        GMAFedAdagrad(tau=0.0)
+    with pytest.raises(ValueError, match=r"^GMAFedAdagrad: tau must be > 0.0, got 0.0$"):
+        GMAFedAdagrad(tau=0.0)  # Flower's tau is the epsilon
+    with pytest.raises(ValueError, match=r"^GMAFedAdam: eta must be >= 0.0, got -1.0$"):
+        GMAFedAdam(eta=-1)  # as given, not after the bias correction
+    with pytest.raises(ValueError, match="^GMAFedYogi: beta_1 must be <= 1.0"):
+        GMAFedYogi(beta_1=1.5)
+    with pytest.raises(ValueError, match="^GMAFedAvgM: server_momentum must be <= 1.0"):
+        GMAFedAvgM(server_momentum=2.0)
+    with pytest.raises(ValueError, match="^FedGMA: server_learning_rate must be >= 0.0"):
+        FedGMA(server_learning_rate=-0.5)
+    # settings that used to fail only at the first aggregation
+    with pytest.raises(ValueError, match="nonfinite='skip' is not one of"):
+        FedGMA(nonfinite="skip")
+    with pytest.raises(ValueError, match="backend='cuda' is not one of 'auto', 'triton', 'torch'"):
+        FedGMA(backend="cuda")
 
 
 def test_adagrad_step_closer_to_float64_than_flowers():
