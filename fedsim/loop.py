@@ -255,7 +255,8 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
     if resume:
         comm.barrier()  # every rank has read the checkpoint before rank 0 replaces it
 
-    last_save = time.monotonic()
+    last_save = started = time.monotonic()
+    before = checkpoint.get("elapsed_s", 0.0) if checkpoint is not None else 0.0
 
     def due(round_: int) -> bool:
         if config.checkpoint_every is not None:
@@ -266,7 +267,8 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
         nonlocal last_save
         last_save = time.monotonic()
         save_checkpoint(run_dir, {"config": config.to_dict(), "job": job, "round": round_,
-                                  "state": sim_state, "rows": rows})
+                                  "state": sim_state, "rows": rows,
+                                  "elapsed_s": before + last_save - started})
         write_metrics(run_dir, rows)
 
     data, data_seed = None, None

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint
 from .config import FIELD_TYPES, Config, ConfigError
 from .distributed import DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session
 from .io import atomic_write
@@ -166,6 +167,15 @@ def check_data(config: Config) -> None:
     read_data(config, config.seeds[0])
 
 
+def run_time(run_dir: Path, this_call: float) -> float:
+    """Seconds the run has taken over all its invocations (kept in its checkpoints; a resumed
+    run adds up, a resumed finished run does not reset it), else ``this_call``."""
+    try:
+        return float(read_checkpoint(run_dir / CHECKPOINT_FILE).get("elapsed_s", this_call))
+    except CheckpointError:
+        return this_call
+
+
 def create_run_dir(config: Config) -> Path:
     """A new run folder for ``config``, holding its config.toml."""
     run_dir = new_run_dir(config)
@@ -209,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 return {}
             summary = summarize(rows)
             write_results(run_dir, summary, config=config.to_dict(), resumed=resume,
-                          wall_time_s=time.perf_counter() - start,
+                          wall_time_s=run_time(run_dir, time.perf_counter() - start),
                           torch=torch.__version__, device=str(config.torch_device()),
                           threads=torch.get_num_threads(), world_size=comm.world_size)
             plot_accuracy(run_dir, rows)

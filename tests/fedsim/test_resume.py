@@ -153,3 +153,16 @@ def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path, tiny, cli, flags):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"interrupted: continue from the last checkpoint with "
                                         f"python -m fedsim.run --resume {run_dir}"]
+
+
+def test_resuming_a_finished_run_keeps_its_wall_time(tmp_path, tiny, flags):
+    import json
+
+    from fedsim.run import main
+    main(["--quiet", *flags({**tiny, "out_dir": str(tmp_path)})])
+    (run_dir,) = tmp_path.iterdir()
+    first = json.loads((run_dir / "results.json").read_text())["wall_time_s"]
+    main(["--quiet", "--resume", str(run_dir)])
+    again = json.loads((run_dir / "results.json").read_text())
+    # the run's own time, not the instant the finished resume took
+    assert again["resumed"] and again["wall_time_s"] == first
