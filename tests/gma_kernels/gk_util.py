@@ -114,6 +114,14 @@ def assert_close(actual: Tensor, expected: Tensor, *, scale: float, rtol: float 
                              f"got {float(a[j])!r}, expected {float(e[j])!r}, tol {float(tol[j])!r}")
 
 
+def assert_state_close(opt, model, step_scale: float) -> None:
+    """A ``ServerOptimizer``'s params and state against the float64 ``reference.Optimizer``
+    (``step_scale``: how far the reference's last step moved the params)."""
+    assert_close(opt.params, model.params, scale=1.0 + step_scale)
+    for s, r in zip(opt.states, model.states):
+        assert_close(s, r, scale=float(r.abs().max()) + 1e-12)
+
+
 def data_scale(exact: Tensor) -> float:
     s = float(exact.abs().max())
     return s if s > 0 else 1.0

@@ -9,7 +9,7 @@ import torch
 
 import gma_kernels as gk
 import reference as ref
-from gk_util import BACKENDS, DEVICE, assert_close, gen, make
+from gk_util import BACKENDS, DEVICE, assert_close, assert_state_close, gen, make
 
 # Triton's interpreter computes with numpy, which warns on the NaN/inf inputs of the guard tests
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -32,12 +32,6 @@ def _hyper(kind):
                 beta2=0.95, eps=1e-3)
 
 
-def _assert_state_close(opt, model, step_scale):
-    assert_close(opt.params, model.params, scale=1.0 + step_scale)
-    for s, r in zip(opt.states, model.states):
-        assert_close(s, r, scale=float(r.abs().max()) + 1e-12)
-
-
 @pytest.mark.parametrize("backend,kind,placement", CASES,
                          ids=[f"{b}-{k}-{p}" for b, k, p in CASES])
 def test_steps_match_reference(backend, kind, placement):
@@ -57,7 +51,7 @@ def test_steps_match_reference(backend, kind, placement):
         stats = opt.step(updates, w)
         model.step(exact, w)
         assert opt.params is params
-        _assert_state_close(opt, model, step_scale=float((model.params - before.cpu().double())
+        assert_state_close(opt, model, step_scale=float((model.params - before.cpu().double())
                                                          .abs().max()))
         assert stats.num_clients == 5
         assert float(stats.density) == pytest.approx(
@@ -110,7 +104,7 @@ def test_rescale_before(backend, kind):
         updates, exact, w = make(10 + step, 6, N, scale=0.05)
         opt.step(updates, w)
         model.step(exact, w)
-    _assert_state_close(opt, model, step_scale=1.0)
+    assert_state_close(opt, model, step_scale=1.0)
 
 
 @pytest.mark.parametrize("kind", ["momentum", "adam", "yogi", "adagrad"])
@@ -181,7 +175,7 @@ def test_default_hyperparameters(kind):
         updates, exact, w = make(60 + s, 10, 999, scale=0.01)
         opt.step(updates, w)
         model.step(exact, w)
-    _assert_state_close(opt, model, step_scale=1.0)
+    assert_state_close(opt, model, step_scale=1.0)
 
 
 def test_initial_state_is_zero():
