@@ -83,12 +83,9 @@ def run(job: Job) -> Outcome:
     finite, sums = aggregate(job, g, mask_out)
     if job.guard and not finite:
         return Outcome(False, sums)
-    if step is not None:
-        block = min(MASK_BLOCK, n_total)
-        for lo in range(0, n_total, block):
-            sl = slice(lo, min(n_total, lo + block))
-            apply_step(step, job.params[sl], tuple(s[sl] for s in job.states), g[sl],
-                       mask_out[sl] if split else None)
+    if step is not None and not apply_step(step, job.params, job.states, g, mask_out,
+                                           guard=job.guard):
+        return Outcome(False, sums)
     return Outcome(True, sums)
 
 
@@ -161,26 +158,55 @@ def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> No
         count.add_(torch.sign(row), alpha=p if weighted else 1.0)
 
 
-def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
-               mask: Tensor | None = None) -> None:
-    """One server step in place. ``x`` is ``g`` (placement "before") or the unmasked average,
-    in which case ``mask`` multiplies the step (placement "after")."""
+def step_values(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+                mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One server step, out of place: the new params and state. ``x`` is ``g`` (placement
+    "before") or the unmasked average, in which case ``mask`` multiplies the step (placement
+    "after")."""
     if step.kind == "sgd":
+        new_states: tuple[Tensor, ...] = ()
         direction = x
     elif step.kind == "momentum":
         (velocity,) = states
-        direction = velocity.mul_(step.momentum).add_(x)
+        direction = velocity * step.momentum + x
+        new_states = (direction,)
     else:
         first, second = states
-        first.mul_(step.beta1).add_(x, alpha=1.0 - step.beta1)
+        first = first * step.beta1 + x * (1.0 - step.beta1)
         sq = x * x
         if step.kind == "adam":
-            second.mul_(step.beta2).add_(sq, alpha=1.0 - step.beta2)
+            second = second * step.beta2 + sq * (1.0 - step.beta2)
         elif step.kind == "yogi":
-            second.addcmul_(sq, torch.sign(second - sq), value=-(1.0 - step.beta2))
+            second = second - (1.0 - step.beta2) * sq * torch.sign(second - sq)
         else:
-            second.add_(sq)
+            second = second + sq
         direction = first / (second.sqrt() + step.eps)
+        new_states = (first, second)
     if mask is not None:
         direction = direction * mask
-    params.add_(direction, alpha=step.lr)
+    return params + step.lr * direction, new_states
+
+
+def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+               mask: Tensor | None = None, *, guard: bool = False) -> bool:
+    """One server step in place, block by block (``step_values``). With ``guard`` every new
+    value is computed and checked first, and nothing is written unless all are finite;
+    returns whether it stepped."""
+    n = params.numel()
+    blocks = [slice(lo, min(n, lo + MASK_BLOCK)) for lo in range(0, n, MASK_BLOCK)]
+
+    def values(sl: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return step_values(step, params[sl], tuple(t[sl] for t in states), x[sl],
+                           None if mask is None else mask[sl])
+
+    if guard:
+        for sl in blocks:
+            new_params, new_states = values(sl)
+            if not all(bool(torch.isfinite(t).all()) for t in (new_params, *new_states)):
+                return False
+    for sl in blocks:
+        new_params, new_states = values(sl)
+        params[sl].copy_(new_params)
+        for target, value in zip(states, new_states):
+            target[sl].copy_(value)
+    return True

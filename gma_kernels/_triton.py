@@ -7,7 +7,8 @@ the weighted sum and the sign count in registers, applies the threshold and mask
 same pass, the server optimizer: state update and parameter write. K and N are runtime
 arguments (no recompilation when the number of clients changes).
 
-Guard: where a block's aggregate is non-finite the program writes nothing and raises a flag;
+Guard: where a block's aggregate, or the new params or state it steps to, is non-finite the
+program writes nothing and raises a flag;
 every program saves the old parameters/state it overwrites into ``backup`` so the launcher
 can restore them. Per-program partial sums of ``m`` and ``A`` give the mask statistics.
 """
@@ -104,15 +105,18 @@ def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
             x = total
         else:
             x = g
+        # the new state and params first; with GUARD a block writes none of them unless all
+        # are finite (a finite aggregate can still overflow in the step)
+        first = x
+        second = x
         if OPT == 1:
             direction = x
         elif OPT == 2:
-            velocity = tl.load(state1 + offs, mask=valid, other=0.0)
+            first = tl.load(state1 + offs, mask=valid, other=0.0)
             if GUARD:
-                tl.store(backup + N + offs, velocity, mask=valid)
-            velocity = momentum * velocity + x
-            tl.store(state1 + offs, velocity, mask=ok)
-            direction = velocity
+                tl.store(backup + N + offs, first, mask=valid)
+            first = momentum * first + x
+            direction = first
         else:
             first = tl.load(state1 + offs, mask=valid, other=0.0)
             second = tl.load(state2 + offs, mask=valid, other=0.0)
@@ -127,12 +131,25 @@ def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
                 second = second - (1.0 - beta2) * sq * _sign(second - sq)
             else:
                 second = second + sq
-            tl.store(state1 + offs, first, mask=ok)
-            tl.store(state2 + offs, second, mask=ok)
             direction = tl.div_rn(first, tl.sqrt_rn(second) + eps)
         if AFTER:
             direction = direction * m
-        tl.store(param_ptr + offs, w + lr * direction, mask=ok)
+        new_w = w + lr * direction
+        if GUARD:
+            fine = (new_w == new_w) & (tl.abs(new_w) < float("inf"))
+            if OPT >= 2:
+                fine = fine & (tl.abs(first) < float("inf")) & (first == first)
+            if OPT >= 3:
+                fine = fine & (tl.abs(second) < float("inf")) & (second == second)
+            n_over = tl.sum((valid & ~fine).to(tl.int32), axis=0)
+            if n_over > 0:
+                tl.store(flag, 1)
+            ok = ok & (n_over == 0)
+        if OPT >= 2:
+            tl.store(state1 + offs, first, mask=ok)
+        if OPT >= 3:
+            tl.store(state2 + offs, second, mask=ok)
+        tl.store(param_ptr + offs, new_w, mask=ok)
 
 
 @triton.jit(do_not_specialize=["N", "K"])

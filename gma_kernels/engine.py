@@ -17,7 +17,8 @@ from .config import NONFINITE_POLICIES, MaskConfig, NonFiniteError, NonFinitePol
 from .job import Job, Outcome
 
 BACKENDS = ("auto", "triton", "torch")
-_OVERFLOW = "the weighted sum of the updates overflowed float32; params left unchanged"
+_OVERFLOW = ("the weighted sum of the updates, or the step it makes, overflows float32; params and "
+             "optimizer state left unchanged")
 
 
 @dataclass(frozen=True)

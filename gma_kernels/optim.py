@@ -8,8 +8,8 @@ from torch import Tensor
 
 from . import _torch
 from .batch import Updates, Weights, check_params, make_batch
-from .config import (NONFINITE_POLICIES, MaskConfig, MaskKind, NonFinitePolicy, OptimizerKind,
-                     Placement, StepConfig, _check_choice)
+from .config import (NONFINITE_POLICIES, MaskConfig, MaskKind, NonFiniteError, NonFinitePolicy,
+                     OptimizerKind, Placement, StepConfig, _check_choice)
 from .engine import BACKENDS, GMAStats, execute
 from .job import Job
 from .streaming import Accumulator
@@ -73,10 +73,11 @@ class ServerOptimizer:
         if accumulator.numel != self.params.numel() or mean.device != self.params.device:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {mean.device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
-        if self._split:
-            _torch.apply_step(self.step_config, self.params, self.states, mean, m)
-        else:
-            _torch.apply_step(self.step_config, self.params, self.states, mean.mul_(m))
+        x, after = (mean, m) if self._split else (mean.mul_(m), None)
+        if not _torch.apply_step(self.step_config, self.params, self.states, x, after,
+                                 guard=self.nonfinite != "unchecked"):
+            raise NonFiniteError("the accumulated step overflows float32; params and optimizer "
+                                 "state left unchanged")
         return stats
 
     def state_dict(self) -> dict:
