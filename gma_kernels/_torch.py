@@ -11,6 +11,8 @@ so a guarded job never touches ``params`` or the optimizer state on bad input.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -187,11 +189,39 @@ def step_values(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x:
     return params + step.lr * direction, new_states
 
 
+#: below float32's largest value (3.4e38) by a factor of 2, so the bound's own rounding is safe
+_SAFE = 1.7e38
+
+
+def _surely_finite(step: StepConfig, params: Tensor, states: tuple[Tensor, ...],
+                   x: Tensor) -> bool:
+    """Whether the step's new params and state are certainly finite, from bounds on the
+    inputs' largest magnitudes (|direction| ≤ |m|/ε for the adaptive kinds, mask ≤ 1); False
+    also when any input is not finite (every comparison with NaN is False)."""
+    def biggest(t: Tensor) -> float:  # max |t| in one read-only pass (inf if NaN)
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        return math.inf if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+
+    g = biggest(x)
+    if step.kind == "sgd":
+        direction = g
+    elif step.kind == "momentum":
+        direction = step.momentum * biggest(states[0]) + g
+    else:
+        first = step.beta1 * biggest(states[0]) + (1.0 - step.beta1) * g
+        second = biggest(states[1]) + g * g
+        if not (g < 1e19 and first < _SAFE and second < _SAFE):
+            return False
+        direction = first / step.eps
+    return direction < _SAFE and biggest(params) + step.lr * direction < _SAFE
+
+
 def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
                mask: Tensor | None = None, *, guard: bool = False) -> bool:
-    """One server step in place, block by block (``step_values``). With ``guard`` every new
-    value is computed and checked first, and nothing is written unless all are finite;
-    returns whether it stepped."""
+    """One server step in place, block by block (``step_values``). With ``guard`` nothing is
+    written unless every new value is finite: a bound from the inputs' largest magnitudes
+    (``_surely_finite``, a few read-only passes) settles it in the common case, else every new
+    value is computed and checked first. Returns whether it stepped."""
     n = params.numel()
     blocks = [slice(lo, min(n, lo + MASK_BLOCK)) for lo in range(0, n, MASK_BLOCK)]
 
@@ -199,7 +229,7 @@ def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: 
         return step_values(step, params[sl], tuple(t[sl] for t in states), x[sl],
                            None if mask is None else mask[sl])
 
-    if guard:
+    if guard and not _surely_finite(step, params, states, x):
         for sl in blocks:
             new_params, new_states = values(sl)
             if not all(bool(torch.isfinite(t).all()) for t in (new_params, *new_states)):
