@@ -1,4 +1,4 @@
 """``python -m fedsim``: the same as ``python -m fedsim.run``."""
-from .run import main
+from .run import script
 
-main()
+script()

@@ -29,7 +29,8 @@ import torch
 
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint
 from .config import FIELD_TYPES, Config, ConfigError
-from .distributed import DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session
+from .distributed import (DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session,
+                          env_world_size)
 from .io import atomic_write
 from .loop import read_data, run_experiment
 from .report import format_paired, format_table, plot_accuracy, summarize, write_results
@@ -238,5 +239,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         os._exit(1)
 
 
-if __name__ == "__main__":
+def script() -> None:
+    """``main`` as a command. A rank of a distributed run leaves with ``os._exit`` once its
+    files are written and the process group is torn down: gloo's threads can otherwise abort
+    the interpreter's own teardown (``terminate called without an active exception``) and turn
+    a clean run into a failed exit status."""
     main()
+    if env_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    script()
