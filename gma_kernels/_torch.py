@@ -43,7 +43,7 @@ def mask_threshold(mask: MaskConfig, num_clients: int) -> tuple[float, float]:
     """(threshold on the score, score → agreement scale). Unweighted: the score is the exact
     sign count, compared with an integer threshold, and ``A = count · fl32(1/K)``."""
     if mask.weighted_agreement:
-        return mask.tau, 1.0
+        return mask.weighted_threshold(num_clients), 1.0
     return mask.count_threshold(num_clients), fp32_scalar(1.0 / num_clients)
 
 

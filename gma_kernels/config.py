@@ -115,6 +115,13 @@ class MaskConfig:
         for name in ("weighted_agreement", "rescale"):
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
+    def weighted_threshold(self, num_clients: int) -> float:
+        """The threshold on the weighted agreement ``A = |Σ_k p̄_k sign(Δ_kj)|``: ``τ`` lowered
+        by ``(K + 1)·2⁻²⁴``, the float32 rounding bound of that sum (weights included), so that
+        an exact tie ``A = τ`` (all of 6 equal clients agreeing at τ = 1: 6 · fl32(1/6) is
+        1.0000001 or 0.99999994) is kept on every backend, as ``A ≥ τ`` says."""
+        return max(0.0, self.tau - (num_clients + 1) * 2.0 ** -24) if self.tau > 0 else 0.0
+
     def count_threshold(self, num_clients: int) -> float:
         """Smallest integer sign count ``c`` with ``c / K ≥ τ``, so the unweighted mask is a
         comparison of integers and bit-identical on every backend.

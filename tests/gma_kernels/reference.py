@@ -52,13 +52,17 @@ def agreement(updates, weights=None, *, weighted: bool = False) -> Tensor:
 
 
 def keep(updates, weights=None, *, tau: float, weighted: bool = False) -> Tensor:
-    """Where ``A_j ≥ τ`` (bool)."""
-    return agreement(updates, weights, weighted=weighted) >= tau
+    """Where ``A_j ≥ τ`` (bool). Weighted, a tie is ``A`` within ``(K + 1)·2⁻²⁴`` of ``τ`` (the
+    float32 rounding of the weighted sum): it counts as agreement, as an exact tie does."""
+    a = agreement(updates, weights, weighted=weighted)
+    if not weighted or tau == 0:
+        return a >= tau
+    return a >= tau - (as_matrix(updates).shape[0] + 1) * 2.0 ** -24
 
 
 def mask(updates, weights=None, *, tau: float, mask: str = "soft", weighted: bool = False) -> Tensor:
     a = agreement(updates, weights, weighted=weighted)
-    kept = a >= tau
+    kept = keep(updates, weights, tau=tau, weighted=weighted)
     if mask == "soft":
         return torch.where(kept, torch.ones_like(a), a)
     if mask == "hard":

@@ -54,9 +54,7 @@ def calls(draw):
         "placement": draw(st.sampled_from(["before", "after"])),
         "mask": draw(st.sampled_from(["soft", "hard"])),
         "tau": draw(st.sampled_from([0.0, 0.25, 0.4, 0.5, 0.8, 1.0])),
-        # weighted agreement stays off: at an exact tie A = τ its float32 sum of weights can
-        # land on either side (1/6 · 6 = 1.0000001), so the mask may differ from float64's
-        "weighted": False,
+        "weighted": draw(st.booleans()),
         "where": draw(st.integers(0, k * n - 1)),
     }
 
