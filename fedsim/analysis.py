@@ -26,6 +26,7 @@ from typing import Any
 from .io import atomic_write
 from .algorithms import matters
 from .methods import is_masked, plain_name
+from .report import pyplot, save_figure
 
 METRICS = ("val_acc", "test_acc", "ood_acc", "color_reliance")
 #: the criterion a method's settings are chosen by
@@ -263,34 +264,33 @@ def write_report(sweep_dir: Path, report: dict[str, Any]) -> None:
             plot_final_vs(sweep_dir / f"final_vs_{setting}.png", report, setting)
 
 
-def _figure_bytes(fig) -> bytes:  # noqa: ANN001 - a matplotlib Figure
-    import io
+def _panel_grid(count: int, cols: int, width: float, height: float):  # noqa: ANN202
+    """(figure, axes) of ``count`` panels sharing the y axis, ``cols`` a row; the grid's
+    unused panels hidden."""
+    rows = -(-count // cols)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(width * cols, height * rows),
+                                  squeeze=False, sharey=True)
+    for ax in list(axes.flat)[count:]:
+        ax.set_visible(False)
+    return fig, axes
 
-    import matplotlib.pyplot as plt
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
 
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _finish_panel(ax, title: str, legend_size: int) -> None:  # noqa: ANN001 - an Axes
+    """An accuracy-against-rounds panel's title, axis, range, grid and legend."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def plot_curves(path: Path, report: dict[str, Any]) -> None:
     """OOD accuracy against rounds, one panel per grid point, one line per method (its cell at
     that point; mean over seeds, the band ± std)."""
-    plt = _pyplot()
     grid = report["grid"]
     points = [dict(zip(grid, p)) for p in itertools.product(*grid.values())]
     methods = list(dict.fromkeys(c["method"] for c in report["cells"]))
-    cols = min(len(points), 4)
-    rows_ = -(-len(points) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False,
-                             sharey=True)
+    fig, axes = _panel_grid(len(points), min(len(points), 4), 4, 3.2)
     for ax, point in zip(axes.flat, points):
         for i, method in enumerate(methods):
             cell = next((c for c in report["cells"] if c["method"] == method
@@ -302,28 +302,18 @@ def plot_curves(path: Path, report: dict[str, Any]) -> None:
             high = [m + s for m, s in zip(curve["mean"], curve["std"])]
             ax.plot(curve["round"], curve["mean"], color=f"C{i}", marker=".", label=method)
             ax.fill_between(curve["round"], low, high, color=f"C{i}", alpha=0.15)
-        ax.set_title(_settings(point), fontsize=9)
-        ax.set_xlabel("round")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(points):]:
-        ax.set_visible(False)
+        _finish_panel(ax, _settings(point), 7)
     axes[0][0].set_ylabel("OOD test accuracy")
-    atomic_write(path, _figure_bytes(fig))
+    save_figure(fig, path, dpi=110)
 
 
 def plot_conditions(path: Path, report: dict[str, Any]) -> None:
     """OOD accuracy against rounds, one panel per condition (the papers' layout: e.g. binary and
     10 classes × IID and non-IID), one line per method and setting (the other swept values)."""
-    plt = _pyplot()
     conditions = report["conditions"]
     combos = [dict(zip(conditions, c))
               for c in itertools.product(*(report["grid"][k] for k in conditions))]
-    cols = min(len(combos), 2 if len(combos) == 4 else 4)
-    rows_ = -(-len(combos) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 3.8 * rows_), squeeze=False,
-                             sharey=True)
+    fig, axes = _panel_grid(len(combos), min(len(combos), 2 if len(combos) == 4 else 4), 5.5, 3.8)
     methods = list(dict.fromkeys(c["method"] for c in report["cells"]))
     styles = ["-", "--", ":", "-."]
     for ax, where in zip(axes.flat, combos):
@@ -341,24 +331,17 @@ def plot_conditions(path: Path, report: dict[str, Any]) -> None:
             ax.plot(curve["round"], curve["mean"], linestyle=style, marker=".",
                     color=f"C{methods.index(method)}",
                     label=f"{method} {_settings(rest)}" if rest else method)
-        ax.set_title(_settings(where), fontsize=9)
-        ax.set_xlabel("round")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(combos):]:
-        ax.set_visible(False)
+        _finish_panel(ax, _settings(where), 6)
     for row in axes:
         row[0].set_ylabel("OOD test accuracy (mean over seeds)")
-    atomic_write(path, _figure_bytes(fig))
+    save_figure(fig, path, dpi=110)
 
 
 def plot_final_vs(path: Path, report: dict[str, Any], setting: str) -> None:
     """Validation and OOD test accuracy (mean ± std over seeds) against ``setting``: one line
     per method (and condition) that depends on it, its other swept settings at the method's
     choice."""
-    plt = _pyplot()
-    fig, (ax_val, ax_ood) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax_val, ax_ood) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     colors: dict[str, str] = {}
     for i, row in enumerate(report["selection"]):
         method = row["method"]
@@ -387,4 +370,4 @@ def plot_final_vs(path: Path, report: dict[str, Any], setting: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    atomic_write(path, _figure_bytes(fig))
+    save_figure(fig, path, dpi=110)

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
 from .data.sources import source_available
-from .io import atomic_write
 from .run import OneLineParser
-from .sweep import Sweep, run_and_report
+from .sweep import Sweep, create_sweep_dir, run_and_report
 
 SCALES = ("small", "full")
 SEEDS = (0, 1, 2, 3, 4)
@@ -111,11 +108,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         sweep = build(args.recipe, args.scale, overrides)
-    except (ConfigError, ValueError) as err:
+        sweep_dir = create_sweep_dir(sweep, args.out_dir, f"recipe-{args.recipe}-{args.scale}")
+    except (ConfigError, ValueError, OSError) as err:
         parser.error(str(err))
-    sweep_dir = Path(args.out_dir) / f"{datetime.now():%Y%m%d-%H%M%S}-recipe-{args.recipe}-{args.scale}"
-    sweep_dir.mkdir(parents=True)
-    atomic_write(sweep_dir / "sweep.toml", sweep.to_toml())
     print(f"sweep folder: {sweep_dir}", flush=True)
     report = run_and_report(parser, sweep_dir, sweep, progress=not args.quiet)
     print((sweep_dir / "summary.md").read_text())

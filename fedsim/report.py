@@ -145,13 +145,25 @@ def write_results(run_dir: Path, summary: dict, **extra: Any) -> None:
                  + format_gma_table(summary) + "\n")
 
 
-def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """``accuracy.png``: accuracy per round per method, mean over seeds (ID solid, OOD dashed)."""
+def pyplot():  # noqa: ANN201 - the matplotlib.pyplot module
+    """``matplotlib.pyplot`` on the Agg backend (no display), imported on first use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:  # noqa: ANN001 - a Figure
+    """``fig`` as a PNG at ``path`` (written atomically), then closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``accuracy.png``: accuracy per round per method, mean over seeds (ID solid, OOD dashed)."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, method in enumerate(methods):
         color = f"C{i}"
@@ -169,7 +181,4 @@ def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(run_dir / "accuracy.png", buffer.getvalue())
+    save_figure(fig, run_dir / "accuracy.png")

@@ -81,7 +81,7 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         hint = FIELD_TYPES[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {_show(f.default)})")
+        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {show_value(f.default)})")
         if f.metadata["choices"]:
             help_text += f"; one of: {', '.join(f.metadata['choices'])}"
         if hint is bool:
@@ -124,13 +124,14 @@ def _parser_for(hint: Any) -> Callable[[str], Any]:
     return typing.get_args(hint)[0] if typing.get_args(hint) else hint
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A setting's value as its flag takes it (a list comma-separated)."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def new_run_dir(config: Config) -> Path:
-    """``OUT_DIR/<YYYYmmdd-HHMMSS>-<name>`` (a numeric suffix if that folder exists)."""
-    base = Path(config.out_dir) / f"{datetime.now():%Y%m%d-%H%M%S}-{config.run_name}"
+def new_folder(out_dir: str | Path, name: str) -> Path:
+    """``OUT_DIR/<YYYYmmdd-HHMMSS>-<name>``, made (a numeric suffix if that folder exists)."""
+    base = Path(out_dir) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
     for n in range(1, 1000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
@@ -138,7 +139,7 @@ def new_run_dir(config: Config) -> Path:
             return path
         except FileExistsError:
             continue
-    raise FileExistsError(f"cannot create a run folder next to {base}")
+    raise FileExistsError(f"cannot create a folder next to {base}")
 
 
 def resolve(args: argparse.Namespace,
@@ -168,6 +169,19 @@ def check_data(config: Config) -> None:
     read_data(config, config.seeds[0])
 
 
+def write_run_results(run_dir: Path, config: Config, rows: list[dict[str, Any]], *,
+                      resumed: bool, seconds: float, world_size: int = 1) -> dict:
+    """A finished run's ``results.json``/``results.md`` and ``accuracy.png``; its summary.
+    ``seconds``: this invocation's time (the run's total comes from its checkpoints)."""
+    summary = summarize(rows)
+    write_results(run_dir, summary, config=config.to_dict(), resumed=resumed,
+                  wall_time_s=run_time(run_dir, seconds), torch=torch.__version__,
+                  device=str(config.torch_device()), threads=torch.get_num_threads(),
+                  world_size=world_size)
+    plot_accuracy(run_dir, rows)
+    return summary
+
+
 def run_time(run_dir: Path, this_call: float) -> float:
     """Seconds the run has taken over all its invocations (kept in its checkpoints; a resumed
     run adds up, a resumed finished run does not reset it), else ``this_call``."""
@@ -179,7 +193,7 @@ def run_time(run_dir: Path, this_call: float) -> float:
 
 def create_run_dir(config: Config) -> Path:
     """A new run folder for ``config``, holding its config.toml."""
-    run_dir = new_run_dir(config)
+    run_dir = new_folder(config.out_dir, config.run_name)
     atomic_write(run_dir / "config.toml", config.to_toml())
     return run_dir
 
@@ -218,12 +232,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  f"{parser.prog} --resume {run_dir}\n")
             if not comm.is_main:
                 return {}
-            summary = summarize(rows)
-            write_results(run_dir, summary, config=config.to_dict(), resumed=resume,
-                          wall_time_s=run_time(run_dir, time.perf_counter() - start),
-                          torch=torch.__version__, device=str(config.torch_device()),
-                          threads=torch.get_num_threads(), world_size=comm.world_size)
-            plot_accuracy(run_dir, rows)
+            summary = write_run_results(run_dir, config, rows, resumed=resume,
+                                        seconds=time.perf_counter() - start,
+                                        world_size=comm.world_size)
             print(format_table(summary))
             paired = format_paired(summary)
             if paired:

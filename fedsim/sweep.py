@@ -28,11 +28,9 @@ import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .algorithms import matters
 from .analysis import analyse, read_rows, write_report
@@ -40,8 +38,8 @@ from .config import FIELD_TYPES, Config, ConfigError, toml_value, tomllib
 from .io import atomic_write
 from .loop import run_experiment
 from .methods import is_masked, plain_name
-from .report import plot_accuracy, summarize, write_results
-from .run import OneLineParser, add_settings, parse_value
+from .run import (OneLineParser, add_settings, new_folder, parse_value, show_value,
+                  write_run_results)
 
 #: settings a sweep cannot vary (its own axes, or where the cells go)
 FIXED = ("algorithms", "seeds", "out_dir", "name")
@@ -91,7 +89,7 @@ class Sweep:
                 values = tuple((k, v) for k, v in zip(self.grid, point) if matters(method, k))
                 if method not in groups.setdefault(values, []):
                     groups[values].append(method)
-        return [self._cell(",".join(f"{k}={_show(v)}" for k, v in values) or "base", values,
+        return [self._cell(",".join(f"{k}={show_value(v)}" for k, v in values) or "base", values,
                            {"algorithms": tuple(names)})
                 for values, names in groups.items()]
 
@@ -150,10 +148,6 @@ class Sweep:
             raise ConfigError(f"cannot read {path}: {err!r}") from None
 
 
-def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 def run_sweep(sweep_dir: Path, sweep: Sweep, *, progress: bool = True,
               log: Callable[[str], None] = print) -> list[Cell]:
     """Run (or finish) every cell of ``sweep`` in ``sweep_dir``, then its step-size controls;
@@ -184,10 +178,8 @@ def _run_cells(sweep_dir: Path, cells: list[Cell], progress: bool,
             + (" (resumed)" if resume else ""))
         start = time.perf_counter()
         rows = run_experiment(cell.config, run_dir, resume=resume, progress=progress)
-        write_results(run_dir, summarize(rows), config=cell.config.to_dict(), resumed=resume,
-                      wall_time_s=time.perf_counter() - start, torch=torch.__version__,
-                      device=str(cell.config.torch_device()), threads=torch.get_num_threads())
-        plot_accuracy(run_dir, rows)
+        write_run_results(run_dir, cell.config, rows, resumed=resume,
+                          seconds=time.perf_counter() - start)
 
 
 def analyse_sweep(sweep_dir: Path, sweep: Sweep, cells: list[Cell]) -> dict[str, Any]:
@@ -247,11 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _new_sweep_dir(base: dict[str, Any]) -> Path:
-    name = base.get("name") or "sweep"
-    path = Path(base.get("out_dir", "runs")) / f"{datetime.now():%Y%m%d-%H%M%S}-sweep-{name}"
-    path.mkdir(parents=True)
-    return path
+def create_sweep_dir(sweep: Sweep, out_dir: str | Path, name: str) -> Path:
+    """A new ``OUT_DIR/<time>-<name>`` folder holding the sweep's ``sweep.toml``."""
+    sweep_dir = new_folder(out_dir, name)
+    atomic_write(sweep_dir / "sweep.toml", sweep.to_toml())
+    return sweep_dir
 
 
 def sweep_from_args(args: argparse.Namespace) -> Sweep:
@@ -280,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             sweep_dir, sweep = args.resume, Sweep.from_toml(args.resume / "sweep.toml")
         else:
             sweep = sweep_from_args(args)  # every cell checked before the folder exists
-            sweep_dir = _new_sweep_dir(sweep.base)
-            atomic_write(sweep_dir / "sweep.toml", sweep.to_toml())
+            sweep_dir = create_sweep_dir(sweep, sweep.base.get("out_dir", "runs"),
+                                         f"sweep-{sweep.base.get('name') or 'sweep'}")
     except (ConfigError, OSError) as err:
         parser.error(str(err))
     print(f"sweep folder: {sweep_dir}", flush=True)
