@@ -77,7 +77,7 @@ def run(job: Job) -> Outcome:
     batch, step = job.batch, job.step
     n_total = batch.numel
     f32 = dict(dtype=torch.float32, device=batch.device)
-    split = step is not None and step.placement == "after" and step.kind != "sgd"
+    split = step is not None and step.masks_step
     # ``g`` holds the masked mean (or, with ``split``, the unmasked mean and ``m`` apart)
     g = job.g_out if job.g_out is not None else torch.empty(n_total, **f32)
     mask_out = torch.empty(n_total, **f32) if split else None

@@ -244,7 +244,7 @@ def run(job: Job) -> Outcome:
     guard_step = job.guard and step is not None
     backup = (torch.empty((1 + len(job.states)) * n, dtype=torch.float32, device=device)
               if guard_step else None)
-    after = step is not None and step.placement == "after" and step.kind != "sgd"
+    after = step is not None and step.masks_step
     dummy = partials  # stands in for pointers a variant never touches
     _gma_kernel[(grid,)](
         base, offsets, weights, n, k, float(threshold), float(scale),

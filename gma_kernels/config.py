@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from functools import cached_property
 from fractions import Fraction
 from typing import Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 MaskKind = Literal["soft", "hard"]
 OptimizerKind = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
@@ -144,8 +146,9 @@ class StepConfig:
     """A server step on the masked pseudo-gradient ``g`` (Reddi et al. 2021, no bias correction).
 
     sgd ``w += η g``; momentum ``v = β v + g, w += η v``; adam/yogi/adagrad
-    ``m = β1 m + (1−β1) g``, ``v`` per kind, ``w += η m / (√v + ε)``. With ``placement="after"``
-    the state sees the unmasked average and the mask multiplies the step.
+    ``m = β1 m + (1−β1) g``, ``v`` per kind, ``w += η m / (√v + ε)``. With
+    ``mask_placement="after"`` the state sees the unmasked average and the mask multiplies the
+    step (``masks_step``).
     """
 
     kind: OptimizerKind = "sgd"
@@ -154,11 +157,11 @@ class StepConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-3
-    placement: Placement = "before"
+    mask_placement: Placement = "before"
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.kind, OPTIMIZER_KINDS)
-        _check_choice("mask_placement", self.placement, PLACEMENTS)
+        _check_choice("mask_placement", self.mask_placement, PLACEMENTS)
         for name, bounds in (("lr", {"low": 0.0}), ("momentum", {"low": 0.0, "high": 1.0}),
                              ("beta1", {"low": 0.0, "high": 1.0}),
                              ("beta2", {"low": 0.0, "high": 1.0}),
@@ -168,3 +171,38 @@ class StepConfig:
     @property
     def state_count(self) -> int:
         return STATE_COUNT[self.kind]
+
+    @property
+    def masks_step(self) -> bool:
+        """Whether the mask multiplies the optimizer's step rather than its input: placement
+        "after" with a stateful kind (for sgd the two placements are the same step)."""
+        return self.mask_placement == "after" and self.kind != "sgd"
+
+
+@dataclass(frozen=True)
+class GMAStats:
+    """Mask statistics of one aggregation: ``density = mean_j m_j``, ``mean_agreement =
+    mean_j A_j`` (0-d float32 tensors on the updates' device, reduced on first access from the
+    ``[P, 2]`` partial sums), the number of clients aggregated and those dropped for
+    non-finite values."""
+
+    sums: Tensor
+    numel: int
+    num_clients: int
+    dropped: tuple[int, ...] = ()
+
+    @cached_property
+    def _means(self) -> Tensor:
+        return self.sums.sum(0) / self.numel
+
+    @property
+    def density(self) -> Tensor:
+        return self._means[0]
+
+    @property
+    def mean_agreement(self) -> Tensor:
+        return self._means[1]
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mask_density": float(self.density), "mean_agreement": float(self.mean_agreement),
+                "clients": self.num_clients, "dropped": len(self.dropped)}

@@ -13,41 +13,13 @@ import torch
 from torch import Tensor
 
 from .batch import ClientBatch
-from .config import NONFINITE_POLICIES, MaskConfig, NonFiniteError, NonFinitePolicy, _check_choice
+from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, NonFiniteError, NonFinitePolicy,
+                     _check_choice)
 from .job import Job, Outcome
 
 BACKENDS = ("auto", "triton", "torch")
 _OVERFLOW = ("the weighted sum of the updates, or the step it makes, overflows float32; params and "
              "optimizer state left unchanged")
-
-
-@dataclass(frozen=True)
-class GMAStats:
-    """Mask statistics of one aggregation: ``density = mean_j m_j``, ``mean_agreement =
-    mean_j A_j`` (0-d float32 tensors on the updates' device, reduced on first access from the
-    ``[P, 2]`` partial sums), the number of clients aggregated and those dropped for
-    non-finite values."""
-
-    sums: Tensor
-    numel: int
-    num_clients: int
-    dropped: tuple[int, ...] = ()
-
-    @cached_property
-    def _means(self) -> Tensor:
-        return self.sums.sum(0) / self.numel
-
-    @property
-    def density(self) -> Tensor:
-        return self._means[0]
-
-    @property
-    def mean_agreement(self) -> Tensor:
-        return self._means[1]
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mask_density": float(self.density), "mean_agreement": float(self.mean_agreement),
-                "clients": self.num_clients, "dropped": len(self.dropped)}
 
 
 @functools.cache

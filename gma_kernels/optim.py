@@ -33,9 +33,26 @@ class ServerOptimizer:
                  mask_placement: Placement = "before", tau: float = 0.4, mask: MaskKind = "soft",
                  weighted_agreement: bool = False, rescale: bool = False, backend: str = "auto",
                  nonfinite: NonFinitePolicy = "raise") -> None:
-        self.step_config = StepConfig(kind, lr, momentum, beta1, beta2, eps, mask_placement)
-        self.mask_config = MaskConfig(tau, mask, weighted_agreement, rescale)
-        if rescale and self._split:
+        self._setup(params, StepConfig(kind, lr, momentum, beta1, beta2, eps, mask_placement),
+                    MaskConfig(tau, mask, weighted_agreement, rescale), backend, nonfinite)
+
+    @classmethod
+    def from_configs(cls, params: Tensor, step: StepConfig, mask: MaskConfig, *,
+                     backend: str = "auto", nonfinite: NonFinitePolicy = "raise"
+                     ) -> ServerOptimizer:
+        """The optimizer for ready-made configs (what a framework integration holds), with the
+        same checks as the constructor."""
+        for name, value, kind in (("step", step, StepConfig), ("mask", mask, MaskConfig)):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        opt = cls.__new__(cls)
+        opt._setup(params, step, mask, backend, nonfinite)
+        return opt
+
+    def _setup(self, params: Tensor, step: StepConfig, mask: MaskConfig, backend: str,
+               nonfinite: NonFinitePolicy) -> None:
+        self.step_config, self.mask_config = step, mask
+        if mask.rescale and step.masks_step:
             raise ValueError("rescale=True needs mask_placement='before' (the density rescale "
                              "applies to the masked average the optimizer sees)")
         if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype != torch.float32 \
@@ -49,13 +66,9 @@ class ServerOptimizer:
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         _check_choice("backend", backend, BACKENDS)
         self.params = params
-        self.states = tuple(torch.zeros_like(params) for _ in range(self.step_config.state_count))
+        self.states = tuple(torch.zeros_like(params) for _ in range(step.state_count))
         self.backend = backend
         self.nonfinite = nonfinite
-
-    @property
-    def _split(self) -> bool:
-        return self.step_config.placement == "after" and self.step_config.kind != "sgd"
 
     def step(self, updates: Updates, weights: Weights = None) -> GMAStats:
         """Aggregate the clients' updates with GMA and step ``params`` (and state) in place."""
@@ -73,7 +86,7 @@ class ServerOptimizer:
         if accumulator.numel != self.params.numel() or mean.device != self.params.device:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {mean.device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
-        x, after = (mean, m) if self._split else (mean.mul_(m), None)
+        x, after = (mean, m) if self.step_config.masks_step else (mean.mul_(m), None)
         if not _torch.apply_step(self.step_config, self.params, self.states, x, after,
                                  guard=self.nonfinite != "unchecked"):
             raise NonFiniteError("the accumulated step overflows float32; params and optimizer "

@@ -197,7 +197,7 @@ class _GMAStrategy:
         settings = {**self._step_settings(1), "lr": getattr(self, self._names["lr"])}
         try:
             self._make_optimizer(torch.zeros(1),
-                                 StepConfig(placement=self.mask_placement, **settings))
+                                 StepConfig(mask_placement=self.mask_placement, **settings))
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {self._renamed(str(err))}") from None
 
@@ -212,12 +212,12 @@ class _GMAStrategy:
         raise NotImplementedError
 
     def _step_config(self, server_round: int) -> StepConfig:
-        return StepConfig(placement=self.mask_placement, **self._step_settings(server_round))
+        return StepConfig(mask_placement=self.mask_placement, **self._step_settings(server_round))
 
     def _make_optimizer(self, params: Tensor, step: StepConfig) -> ServerOptimizer:
         return ServerOptimizer(params, step.kind, lr=step.lr, momentum=step.momentum,
                                beta1=step.beta1, beta2=step.beta2, eps=step.eps,
-                               mask_placement=step.placement, tau=self.gma_tau, mask=self.mask,
+                               mask_placement=step.mask_placement, tau=self.gma_tau, mask=self.mask,
                                weighted_agreement=self.weighted_agreement, rescale=self.rescale,
                                backend=self.backend, nonfinite=self.nonfinite)
 
