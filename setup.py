@@ -4,6 +4,7 @@ hand the build is skipped and gma_kernels uses its pure-PyTorch CPU path instead
 baseline) rounds the same way and results do not depend on the machine."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("gma_kernels._gma_cpu", ["gma_kernels/csrc/gma_cpu.c"],
+setup(ext_modules=[Extension("gma_kernels.backends._gma_cpu",
+                             ["gma_kernels/backends/csrc/gma_cpu.c"],
                              extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off"],
                              optional=True)])

@@ -1,5 +1,5 @@
 """Where the time of ``gma_step(backend="torch")`` goes on CPU, and what a few changes to
-``gma_kernels/_torch.py`` would buy (measured here, without editing the package).
+``gma_kernels/backends/torch_ops.py`` would buy (measured here, without editing the package).
 
     python benchmarks/profile_torch_backend.py [--k 16] [--log2n 22] [--dtype fp32]
                                                 [--threads 0] [--repeat 7]
@@ -7,9 +7,9 @@
 Prints, as median milliseconds per call:
 
 1. ``gma_step`` as shipped, with the default guard and ``nonfinite="unchecked"``;
-2. the same with _torch.py's size constants (``CPU_CHUNK_BYTES``, ``MASK_BLOCK``) patched;
+2. the same with backends/torch_ops.py's size constants (``CPU_CHUNK_BYTES``, ``MASK_BLOCK``) patched;
 3. the ops that gma_kernels' code calls, timed one by one with ``sys.setprofile`` (so it
-   follows _torch.py as it is now), summed per source line;
+   follows backends/torch_ops.py as it is now), summed per source line;
 4. a sketch of a compiled path: the aggregation written as reductions over K and run
    through ``torch.compile`` (K static, N dynamic; one fused pass over the updates), checked against
    ``gma_step``'s result, with its one-off compile time.
@@ -31,10 +31,10 @@ from fractions import Fraction
 import torch
 
 import gma_kernels as gk
-from gma_kernels import _torch
+from gma_kernels.backends import torch_ops as _torch
 
 
-#: module constants of _torch.py tried in section 2 (those that exist)
+#: module constants of backends/torch_ops.py tried in section 2 (those that exist)
 PATCHABLE = {"CPU_CHUNK_BYTES": (1 << 18, 1 << 20, 1 << 21, 1 << 22, 1 << 23, 1 << 24),
              "MASK_BLOCK": (1 << 14, 1 << 16, 1 << 17, 1 << 18, 1 << 20)}
 
@@ -53,7 +53,7 @@ def op_breakdown(fn, repeat: int) -> tuple[float, list[tuple[str, int, str, floa
     """Time every C-level call (torch ops, tensor methods) that ``gma_kernels`` code makes
     while ``fn`` runs, via ``sys.setprofile``: (median wall ms of ``fn``, [(file, line, op,
     median ms per call of fn summed over that line's calls, calls)]). The hook adds ~1 µs per
-    op, so this runs the code as it is now, whatever _torch.py looks like."""
+    op, so this runs the code as it is now, whatever backends/torch_ops.py looks like."""
     fn()
     walls, runs = [], []
     for _ in range(repeat):
@@ -138,7 +138,7 @@ def main() -> None:
     tau, lr = 0.4, 1.0
     knobs = {name: getattr(_torch, name) for name in PATCHABLE if hasattr(_torch, name)}
     print(f"K={k} N=2^{args.log2n} {args.dtype}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, _torch.py settings {knobs}")
+          f"threads {torch.get_num_threads()}, backends/torch_ops.py settings {knobs}")
 
     def step(nonfinite="raise"):
         return lambda: gk.gma_step(params, updates, weights, tau=tau, lr=lr, backend="torch",
@@ -148,7 +148,7 @@ def main() -> None:
     print(f"   guard (default)        {median_ms(step(), args.repeat):8.1f}")
     print(f"   nonfinite='unchecked'  {median_ms(step('unchecked'), args.repeat):8.1f}")
 
-    print("\n2. _torch.py's size constants patched one at a time, default guard (median ms)")
+    print("\n2. backends/torch_ops.py's size constants patched one at a time, default guard (median ms)")
     for name, shipped in knobs.items():
         try:
             for value in PATCHABLE[name]:

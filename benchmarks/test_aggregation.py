@@ -19,7 +19,7 @@ import torch
 
 import _harness
 import gma_kernels as gk
-from gma_kernels import _native
+from gma_kernels.backends import native as _native
 
 
 @dataclass

@@ -10,7 +10,8 @@ import time
 import torch
 
 import gma_kernels as gk
-from gma_kernels import MaskConfig, StepConfig, _triton
+from gma_kernels import MaskConfig, StepConfig
+from gma_kernels.backends import triton_kernel as _triton
 from gma_kernels.batch import make_batch
 from gma_kernels.job import Job
 
@@ -115,7 +116,7 @@ def main(out_path: str) -> None:
                 row["list_default/unchecked"] = nbytes / cuda_time(
                     lambda: gk.gma_step(p, list(U), w, lr=1e-9, backend="triton",
                                         nonfinite="unchecked")) / bw
-                batch, _ = make_batch(U, w)
+                batch = make_batch(U, w)
                 job = Job(batch, MaskConfig(), StepConfig(lr=1e-9), p, guard=False)
                 row["kernel_only_default"] = nbytes / cuda_time(lambda: _triton.run(job)) / bw
                 results["runs"].append(row)

@@ -1,12 +1,16 @@
-"""The three public aggregation functions: ``agreement``, ``masked_mean`` and ``gma_step``."""
+"""The three public aggregation functions: ``agreement``, ``masked_mean`` and ``gma_step``.
+
+Each validates its inputs into a ``Job`` and hands it to ``dispatch.execute``, which runs it on a
+backend; the formula itself is in ``formula.py``.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from .batch import Updates, Weights, check_params, make_batch
-from .config import MaskConfig, MaskKind, NonFinitePolicy, StepConfig
-from .engine import GMAStats, execute
+from .config import GMAStats, MaskConfig, MaskKind, NonFinitePolicy, StepConfig
+from .dispatch import execute
 from .job import Job
 
 
@@ -14,9 +18,9 @@ def agreement(updates: Updates, weights: Weights = None, *, weighted: bool = Fal
               backend: str = "auto", nonfinite: NonFinitePolicy = "raise") -> Tensor:
     """Sign agreement ``A_j = |Σ_k a_k sign(Δ_kj)|`` with ``a_k = 1/K`` (or ``p̄_k`` when
     ``weighted``), as a float32 tensor of N elements."""
-    batch, raw = make_batch(updates, weights)
+    batch = make_batch(updates, weights)
     out = torch.empty(batch.numel, dtype=torch.float32, device=batch.device)
-    execute(Job(batch, MaskConfig(weighted_agreement=weighted), a_out=out), raw,
+    execute(Job(batch, MaskConfig(weighted_agreement=weighted), a_out=out),
             nonfinite=nonfinite, backend=backend)
     return out
 
@@ -31,9 +35,9 @@ def masked_mean(updates: Updates, weights: Weights = None, *, tau: float = 0.4,
     ``rescale`` divides by ``mean(m) + 1e-12``. ``τ = 0`` is weighted FedAvg.
     """
     config = MaskConfig(tau, mask, weighted_agreement, rescale)
-    batch, raw = make_batch(updates, weights)
+    batch = make_batch(updates, weights)
     out = torch.empty(batch.numel, dtype=torch.float32, device=batch.device)
-    stats = execute(Job(batch, config, g_out=out), raw, nonfinite=nonfinite, backend=backend)
+    stats = execute(Job(batch, config, g_out=out), nonfinite=nonfinite, backend=backend)
     return (out, stats) if return_stats else out
 
 
@@ -48,7 +52,7 @@ def gma_step(params: Tensor, updates: Updates, weights: Weights = None, *, lr: f
     """
     config = MaskConfig(tau, mask, weighted_agreement, rescale)
     step = StepConfig("sgd", lr=lr)
-    batch, raw = make_batch(updates, weights)
+    batch = make_batch(updates, weights)
     check_params(params, batch)
-    stats = execute(Job(batch, config, step, params), raw, nonfinite=nonfinite, backend=backend)
+    stats = execute(Job(batch, config, step, params), nonfinite=nonfinite, backend=backend)
     return (params, stats) if return_stats else params

@@ -17,21 +17,30 @@ Weights = Tensor | Sequence[float] | None
 
 @dataclass(frozen=True)
 class ClientBatch:
-    """K client updates of N elements each, with their normalized weights.
+    """K client updates of N elements each, with their weights.
 
     The updates are either ``matrix``, a ``[K, N]`` tensor with unit stride along N (its rows
     are at a fixed stride, so no per-row work is needed), or ``row_list``, K unit-stride 1-D
-    tensors read where they lie. ``mean_weights`` are ``p̄_k = p_k / Σ p`` (host floats).
+    tensors read where they lie. ``weights`` are the raw ``p_k`` (host floats, checked) and
+    ``mean_weights`` the normalized ``p̄_k = p_k / Σ p``.
     """
 
     matrix: Tensor | None
     row_list: tuple[Tensor, ...] | None
-    mean_weights: tuple[float, ...]
+    weights: tuple[float, ...]
 
     @cached_property
     def rows(self) -> tuple[Tensor, ...]:
         """The K updates as 1-D views (made on first use for a matrix)."""
         return tuple(self.matrix.unbind(0)) if self.matrix is not None else self.row_list
+
+    @cached_property
+    def mean_weights(self) -> tuple[float, ...]:
+        """``p̄_k = p_k / Σ p`` (the sum is exact, ``math.fsum``); needs ``Σ p > 0``."""
+        total = math.fsum(self.weights)
+        if total <= 0:
+            raise ValueError("weights sum to zero: at least one client needs a positive weight")
+        return tuple((np.asarray(self.weights, dtype=np.float64) / total).tolist())
 
     @property
     def _first(self) -> Tensor:
@@ -39,7 +48,7 @@ class ClientBatch:
 
     @property
     def num_clients(self) -> int:
-        return len(self.mean_weights)
+        return len(self.weights)
 
     @property
     def numel(self) -> int:
@@ -53,20 +62,10 @@ class ClientBatch:
     def device(self) -> torch.device:
         return self._first.device
 
-    def agreement_weights(self, weighted: bool) -> tuple[float, ...]:
-        """``a_k``: ``p̄_k`` when weighted, else 1 (the kernels then count signs exactly and
-        scale the count by ``1/K``)."""
-        return self.mean_weights if weighted else (1.0,) * self.num_clients
-
-    def subset(self, keep: Sequence[int], raw_weights: Sequence[float]) -> ClientBatch:
-        """The batch without the dropped clients, weights renormalized over the kept ones."""
+    def subset(self, keep: Sequence[int]) -> ClientBatch:
+        """The batch of the clients ``keep`` only (their weights renormalize among them)."""
         return ClientBatch(None, tuple(self.rows[k] for k in keep),
-                           _normalize([raw_weights[k] for k in keep]))
-
-
-def _normalize(raw: Sequence[float]) -> tuple[float, ...]:
-    total = math.fsum(raw)
-    return tuple((np.asarray(raw, dtype=np.float64) / total).tolist())
+                           tuple(self.weights[k] for k in keep))
 
 
 def check_weights(weights: Weights, num_clients: int, *, allow_zero_sum: bool = False
@@ -159,13 +158,13 @@ def _check_dtype(name: str, t: Tensor) -> None:
 
 
 def make_batch(updates: Updates, weights: Weights, *, allow_zero_sum: bool = False
-               ) -> tuple[ClientBatch, tuple[float, ...]]:
-    """Validate updates and weights; return the batch and the raw (unnormalized) weights
-    (``mean_weights`` are then meaningless when the weights sum to zero)."""
+               ) -> ClientBatch:
+    """Validate updates and weights into a batch (a zero weight sum only with
+    ``allow_zero_sum``, for a streaming fold)."""
     matrix, rows = check_updates(updates)
     raw = check_weights(weights, len(rows) if rows is not None else matrix.shape[0],
                         allow_zero_sum=allow_zero_sum)
-    return ClientBatch(matrix, rows, _normalize(raw) if math.fsum(raw) > 0 else raw), raw
+    return ClientBatch(matrix, rows, raw)
 
 
 def check_params(params: Tensor, batch: ClientBatch, name: str = "params") -> None:

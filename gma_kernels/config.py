@@ -1,6 +1,8 @@
-"""Validated settings shared by both backends: what to mask and how to step.
+"""The public types: validated settings (``MaskConfig``: what to mask, ``StepConfig``: how to
+step), the statistics of an aggregation (``GMAStats``) and the error a refused one raises.
 
-Every check on hyperparameters lives here (``__post_init__``), so the kernels never repeat it.
+Every check on hyperparameters lives here (``__post_init__``), so the kernels never repeat it;
+the formula that uses them is in ``formula.py``.
 """
 from __future__ import annotations
 
@@ -116,29 +118,6 @@ class MaskConfig:
         _check_choice("mask", self.mask, MASK_KINDS)
         for name in ("weighted_agreement", "rescale"):
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
-
-    def weighted_threshold(self, num_clients: int) -> float:
-        """The threshold on the weighted agreement ``A = |Σ_k p̄_k sign(Δ_kj)|``: ``τ`` lowered
-        by ``(K + 1)·2⁻²⁴``, the float32 rounding bound of that sum (weights included), so that
-        an exact tie ``A = τ`` (all of 6 equal clients agreeing at τ = 1: 6 · fl32(1/6) is
-        1.0000001 or 0.99999994) is kept on every backend, as ``A ≥ τ`` says."""
-        return max(0.0, self.tau - (num_clients + 1) * 2.0 ** -24) if self.tau > 0 else 0.0
-
-    def count_threshold(self, num_clients: int) -> float:
-        """Smallest integer sign count ``c`` with ``c / K ≥ τ``, so the unweighted mask is a
-        comparison of integers and bit-identical on every backend.
-
-        ``c / K`` is evaluated as a float64 division, as ``A ≥ τ`` reads: the binary ``τ = 0.4``
-        is a hair above 2/5, so an exact rational comparison would drop the tie ``A = 0.4``
-        (4 of 10 clients) that ``A ≥ τ`` keeps.
-        """
-        k = num_clients
-        c = min(k, max(0, math.ceil(self.tau * k)))
-        while c > 0 and (c - 1) / k >= self.tau:
-            c -= 1
-        while c < k and c / k < self.tau:
-            c += 1
-        return float(c)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``Job``: one aggregation pass as both backends receive it, and the ``Outcome`` they return."""
+"""``Job``: one aggregation pass as every backend receives it, and the ``Outcome`` it returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass

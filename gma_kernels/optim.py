@@ -6,11 +6,10 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
-from . import _torch
+from . import dispatch
 from .batch import Updates, Weights, check_params, make_batch
-from .config import (NONFINITE_POLICIES, MaskConfig, MaskKind, NonFiniteError, NonFinitePolicy,
-                     OptimizerKind, Placement, StepConfig, _check_choice)
-from .engine import BACKENDS, GMAStats, execute
+from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFiniteError,
+                     NonFinitePolicy, OptimizerKind, Placement, StepConfig, _check_choice)
 from .job import Job
 from .streaming import Accumulator
 
@@ -64,7 +63,7 @@ class ServerOptimizer:
                              "tensor outside autograd (FlatParams(model).buffer, or "
                              "params.detach())")
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        _check_choice("backend", backend, BACKENDS)
+        _check_choice("backend", backend, dispatch.BACKENDS)
         self.params = params
         self.states = tuple(torch.zeros_like(params) for _ in range(step.state_count))
         self.backend = backend
@@ -72,10 +71,10 @@ class ServerOptimizer:
 
     def step(self, updates: Updates, weights: Weights = None) -> GMAStats:
         """Aggregate the clients' updates with GMA and step ``params`` (and state) in place."""
-        batch, raw = make_batch(updates, weights)
+        batch = make_batch(updates, weights)
         check_params(self.params, batch)
         job = Job(batch, self.mask_config, self.step_config, self.params, self.states)
-        return execute(job, raw, nonfinite=self.nonfinite, backend=self.backend)
+        return dispatch.execute(job, nonfinite=self.nonfinite, backend=self.backend)
 
     def step_accumulated(self, accumulator: Accumulator) -> GMAStats:
         """Step from a streaming accumulator's sums instead of a batch of updates."""
@@ -87,8 +86,8 @@ class ServerOptimizer:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {mean.device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
         x, after = (mean, m) if self.step_config.masks_step else (mean.mul_(m), None)
-        if not _torch.apply_step(self.step_config, self.params, self.states, x, after,
-                                 guard=self.nonfinite != "unchecked"):
+        if not dispatch.step(self.step_config, self.params, self.states, x, after,
+                             guard=self.nonfinite != "unchecked", backend=self.backend):
             raise NonFiniteError("the accumulated step overflows float32; params and optimizer "
                                  "state left unchanged")
         return stats

@@ -14,11 +14,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import _torch
 from .batch import ClientBatch, Updates, Weights, make_batch
-from .config import (NONFINITE_POLICIES, MaskConfig, MaskKind, NonFiniteError, NonFinitePolicy,
-                     _check_choice, as_count, as_number, check_bool)
-from .engine import GMAStats, nonfinite_clients, resolve_backend
+from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFiniteError,
+                     NonFinitePolicy, _check_choice, as_count, as_number, check_bool)
+from .dispatch import resolve_backend, screen_nonfinite
+from .formula import mask_from_count, mask_threshold
 
 
 class Accumulator:
@@ -67,30 +67,24 @@ class Accumulator:
             updates = [updates]
             if as_number(weights) is not None:
                 weights = [weights]
-        batch, raw = make_batch(updates, weights, allow_zero_sum=True)
+        batch = make_batch(updates, weights, allow_zero_sum=True)
         if batch.numel != self.numel or batch.device != self.buffer.device:
             raise ValueError(f"updates have {batch.numel} elements on {batch.device}; this "
                              f"accumulator holds {self.numel} on {self.buffer.device}")
-        keep = list(range(batch.num_clients))
-        if self.nonfinite != "unchecked":
-            bad = nonfinite_clients(batch)
-            if bad and self.nonfinite == "raise":
-                names = ", ".join(f"update #{self._seen + k}" for k in bad)
-                raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); "
-                                 "accumulator left unchanged")
-            self.dropped.extend(self._seen + k for k in bad)
-            keep = [k for k in keep if k not in bad]
+        seen = self._seen
+        keep = screen_nonfinite(batch, self.nonfinite, name=lambda k: f"update #{seen + k}",
+                                untouched="accumulator left unchanged")
+        self.dropped.extend(seen + k for k in range(batch.num_clients) if k not in keep)
         self._seen += batch.num_clients
         if keep:
-            self._fold(ClientBatch(None, tuple(batch.rows[k] for k in keep),
-                                   tuple(raw[k] for k in keep)))
+            self._fold(batch if len(keep) == batch.num_clients else batch.subset(keep))
         return self
 
     def _fold(self, batch: ClientBatch) -> None:
-        """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)``; ``batch.mean_weights`` are raw here."""
+        """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)`` with the raw weights ``p_k``."""
         impl = resolve_backend(self.backend, self.buffer.device)
         impl.fold(batch, self.total, self.count, self.weighted_agreement)
-        self.buffer[-2:] += torch.tensor([math.fsum(batch.mean_weights), batch.num_clients],
+        self.buffer[-2:] += torch.tensor([math.fsum(batch.weights), batch.num_clients],
                                          dtype=torch.float32, device=self.buffer.device)
 
     def merge(self, other: Accumulator) -> Accumulator:
@@ -117,10 +111,10 @@ class Accumulator:
         weight_sum = self.weight_sum
         if weight_sum <= 0:
             raise ValueError("the accumulated weights sum to zero")
-        threshold, scale = _torch.mask_threshold(config, k)
+        threshold, scale = mask_threshold(config, k)
         # a copy: mask_from_count may work in place, and the sums must survive finalize
         count = self.count / weight_sum if config.weighted_agreement else self.count.clone()
-        m, agree = _torch.mask_from_count(count, threshold, scale, config.mask == "hard")
+        m, agree = mask_from_count(count, threshold, scale, config.mask == "hard")
         mean = self.total / weight_sum
         stats = GMAStats(torch.stack((m.sum(), agree.sum()))[None], self.numel, k,
                          tuple(self.dropped))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gma_kernels as gk
-from gma_kernels import _native
+from gma_kernels.backends import native as _native
 from gma_kernels.batch import make_batch
 
 import reference as ref
@@ -99,7 +99,7 @@ def test_native_server_step(placement, many_threads):
 @needs_native
 def test_native_overwrites_poisoned_outputs(many_threads):
     updates, exact, w = make(11, 5, 777, torch.bfloat16, "matrix", device="cpu")
-    batch, _ = make_batch(updates, w)
+    batch = make_batch(updates, w)
     g = torch.full((777,), float("nan"))
     a = torch.full((777,), float("nan"))
     m = torch.full((777,), float("nan"))
@@ -131,7 +131,7 @@ def test_every_float16_bit_pattern_loads_exactly():
     """All 65536 halves (subnormals, ±0, infinities, NaNs) through the kernel with K = 1,
     weight 1, τ = 0: g is each value as float32, and the non-finite ones are counted."""
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    batch, _ = make_batch(x[None], None)
+    batch = make_batch(x[None], None)
     g = torch.full((x.numel(),), 123.0)
     sums = _native.aggregate(batch, None, 0.0, 1.0, False, g, None, None)
     expected = x.float()
@@ -167,7 +167,7 @@ def test_a_forked_child_aggregates(many_threads):
     """The parent's thread pool does not survive a fork (its threads stay behind): the child
     must make its own instead of waiting forever on the inherited one."""
     updates, _, w = make(4, 5, 300_000, torch.float32, "matrix", device="cpu")
-    batch, _ = make_batch(updates, w)
+    batch = make_batch(updates, w)
     g = torch.empty(300_000)
     _native.aggregate(batch, None, 3.0, 0.2, False, g, None, None)
     # every worker of the parent's pool started and idle: a child that inherited the pool

@@ -95,7 +95,7 @@ def test_guard_restores_every_block(kind, where):
 @pytest.mark.parametrize("block,warps,unroll", [(256, 2, 1), (2048, 8, 1), (1024, 4, 4)])
 def test_other_block_sizes(monkeypatch, block, warps, unroll):
     """The kernel is correct for any BLOCK the launcher may pick (tuning must not break it)."""
-    from gma_kernels import _triton
+    from gma_kernels.backends import triton_kernel as _triton
     if hasattr(_triton, "LAUNCH"):  # the tuned launch parameters
         monkeypatch.setitem(_triton.LAUNCH, "BLOCK", block)
         monkeypatch.setitem(_triton.LAUNCH, "num_warps", warps)

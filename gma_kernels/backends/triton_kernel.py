@@ -11,6 +11,10 @@ Guard: where a block's aggregate, or the new params or state it steps to, is non
 program writes nothing and raises a flag;
 every program saves the old parameters/state it overwrites into ``backup`` so the launcher
 can restore them. Per-program partial sums of ``m`` and ``A`` give the mask statistics.
+
+Entry points, as every backend has them: ``run(job)`` (aggregate and step in the one launch),
+``step`` (a step on a known ``g``: the same kernel reading ``g`` as its only row, every
+coordinate kept; ``formula.apply_step`` when a mask multiplies the step) and ``fold``.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch import ClientBatch
-from .job import Job, Outcome
-from ._torch import mask_threshold
+from ..batch import ClientBatch
+from ..config import MaskConfig, StepConfig
+from ..formula import apply_step, mask_threshold
+from ..job import Job, Outcome
 
 OPTIMIZER_CODES = {None: 0, "sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
 
@@ -174,10 +179,10 @@ _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _flags: dict[torch.device, torch.Tensor] = {}
 
 
-def _row_table(batch: ClientBatch, weighted: bool
+def _row_table(batch: ClientBatch, weights: tuple[float, ...], agree: tuple[float, ...]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """(base tensor, row offsets from it in elements, weights ``p`` then ``a``, VEC, the
-    device's zeroed int64 guard flag).
+    """(base tensor, row offsets from it in elements, ``weights`` then the agreement weights
+    ``agree``, VEC, the device's zeroed int64 guard flag).
 
     VEC is the number of elements in 16 bytes when every row is 16-byte aligned (vector loads),
     else 1. Offsets and weights travel in one pinned host buffer and one asynchronous copy, so
@@ -194,11 +199,11 @@ def _row_table(batch: ClientBatch, weighted: bool
         base = batch.rows[0]
         pointers = tuple(row.data_ptr() for row in batch.rows)
         key = (batch.device, "rows", itemsize, tuple(p - pointers[0] for p in pointers))
-    key += (batch.mean_weights, weighted)
+    key += (weights, agree)
     vec = 16 // itemsize if all(p % 16 == 0 for p in pointers) else 1
     packed = _tables.get(key)
     if packed is None:
-        packed = _pack(batch, weighted, pointers if batch.matrix is None else None)
+        packed = _pack(batch, weights + agree, pointers if batch.matrix is None else None)
         _tables[key] = packed
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
@@ -210,8 +215,9 @@ def _row_table(batch: ClientBatch, weighted: bool
     return base, packed[:k], packed[k:].view(torch.float32), vec, flag
 
 
-def _pack(batch: ClientBatch, weighted: bool, pointers: tuple[int, ...] | None) -> torch.Tensor:
-    """Offsets (int64) then the weights ``p`` and ``a`` (float32 pairs) in one device tensor."""
+def _pack(batch: ClientBatch, weights: tuple[float, ...], pointers: tuple[int, ...] | None
+          ) -> torch.Tensor:
+    """Offsets (int64) then the 2K weights (float32 pairs) in one device tensor."""
     k, itemsize = batch.num_clients, batch.dtype.itemsize
     on_cuda = batch.device.type == "cuda"
     host = torch.empty(2 * k, dtype=torch.int64, pin_memory=on_cuda)
@@ -220,22 +226,37 @@ def _pack(batch: ClientBatch, weighted: bool, pointers: tuple[int, ...] | None) 
         fill[:k] = batch.matrix.stride(0) * np.arange(k, dtype=np.int64)
     else:
         fill[:k] = (np.array(pointers, dtype=np.int64) - pointers[0]) // itemsize
-    fill[k:].view(np.float32)[:] = batch.mean_weights + batch.agreement_weights(weighted)
+    fill[k:].view(np.float32)[:] = weights
     return host.to(batch.device, non_blocking=True) if on_cuda else host
 
 
 def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted: bool) -> None:
-    """Streaming accumulator fold (``batch.mean_weights`` carry the raw weights here)."""
-    base, offsets, weights, vec, _ = _row_table(batch, weighted)
+    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
+    weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1 — the kernel counts exactly)."""
+    p = batch.weights
+    base, offsets, weights, vec, _ = _row_table(batch, p, p if weighted else (1.0,) * len(p))
     _fold_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
         base, offsets, weights, batch.numel, batch.num_clients, total, count,
         WEIGHTED=weighted, VEC=vec, **LAUNCH)
 
 
+def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
+         x: torch.Tensor, mask: torch.Tensor | None = None, *, guard: bool = False) -> bool:
+    """A server step on a known ``g = x`` in place; returns whether it stepped (with ``guard``,
+    nothing is written unless every new value is finite)."""
+    if mask is not None:
+        return apply_step(config, params, states, x, mask, guard=guard)
+    one_row = ClientBatch(None, (x,), (1.0,))
+    return run(Job(one_row, MaskConfig(tau=0.0), config, params, states, guard=guard)).finite
+
+
 def run(job: Job) -> Outcome:
+    """Aggregate and step in one launch (the guard restores what a failed block overwrote)."""
     batch, step = job.batch, job.step
     device, n, k = batch.device, batch.numel, batch.num_clients
-    base, offsets, weights, vec, flag = _row_table(batch, job.mask.weighted_agreement)
+    p = batch.mean_weights
+    agree = p if job.mask.weighted_agreement else (1.0,) * k
+    base, offsets, weights, vec, flag = _row_table(batch, p, agree)
     threshold, scale = mask_threshold(job.mask, k)
     grid = triton.cdiv(n, LAUNCH["BLOCK"])
     partials = torch.empty(2 * grid, dtype=torch.float32, device=device)

@@ -10,7 +10,7 @@
  *
  * Rows are float32, bfloat16 or float16 (converted exactly to float32 on load), each a pointer of
  * its own, so a list of tensors is read where it lies. Plain C, no Python headers: the package
- * loads it with ctypes (gma_kernels/_native.py), which releases the GIL during the call so
+ * loads it with ctypes (gma_kernels/backends/native.py), which releases the GIL during the call so
  * several threads can each take a range of columns.
  */
 #include <math.h>

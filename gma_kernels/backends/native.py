@@ -1,9 +1,10 @@
-"""The optional native CPU kernel (``csrc/gma_cpu.c``, built at install when a C compiler is at
-hand): phase 1 of the torch backend on CPU in one fused pass, split over threads by columns.
+"""The native CPU backend: ``csrc/gma_cpu.c`` (built at install when a C compiler is at hand)
+computes phase 1 of the torch backend (sums, sign count, threshold, mask, ``g``) in one fused
+pass, split over threads by columns; the step is ``formula.apply_step``, as in the torch backend.
 
-``available()`` is False when the library was not built or could not be loaded; with it, or
-with ``ENABLED`` False (the environment variable ``GMA_KERNELS_NATIVE=0`` at import), the
-torch backend runs its pure-PyTorch chunks.
+``usable()`` is False when the library was not built or could not be loaded, or with
+``ENABLED`` False (the environment variable ``GMA_KERNELS_NATIVE=0`` at import): the dispatcher
+then runs the torch backend's pure-PyTorch chunks on CPU.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .batch import ClientBatch
+from ..batch import ClientBatch
+from ..formula import apply_step, mask_threshold
+from ..job import Job, Outcome
+from .torch_ops import finish, outputs
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ENABLED = os.environ.get("GMA_KERNELS_NATIVE", "1") != "0"
@@ -50,9 +54,12 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(batch: ClientBatch) -> bool:
-    """The native kernel reads float32, bfloat16 and float16 rows on CPU."""
-    return ENABLED and batch.device.type == "cpu" and batch.dtype in DTYPE_CODES and available()
+def usable() -> bool:
+    """Built, loaded and not switched off (it reads float32, bfloat16 and float16 rows)."""
+    return ENABLED and available()
+
+
+step = apply_step
 
 
 @functools.cache
@@ -101,6 +108,22 @@ def _address(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def run(job: Job) -> Outcome:
+    """Aggregate in the C kernel (``_aggregate``: sums, count, mask), then step."""
+    g, mask_out = outputs(job)
+    return finish(job, g, mask_out, *_aggregate(job, g, mask_out))
+
+
+def _aggregate(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tensor]:
+    """Phase 1 in the fused C kernel: (every ``S_j`` finite, ``[[Σ m, Σ A]]``)."""
+    batch = job.batch
+    threshold, scale = mask_threshold(job.mask, batch.num_clients)
+    agree_w = batch.mean_weights if job.mask.weighted_agreement else None
+    mask_sum, agreement_sum, bad = aggregate(
+        batch, agree_w, threshold, scale, job.mask.mask == "hard", g, job.a_out, mask_out)
+    return bad == 0, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
+
+
 def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, threshold: float,
               scale: float, hard: bool, g: Tensor, a_out: Tensor | None,
               m_out: Tensor | None) -> np.ndarray:
@@ -112,7 +135,7 @@ def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, thres
 
 
 def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:
-    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)``
-    (``batch.mean_weights`` carry the raw weights ``p_k``; ``a_k = p_k`` when ``weighted``)."""
-    _over_columns(_library().gma_cpu_fold, batch, batch.mean_weights,
-                  batch.mean_weights if weighted else None, total.data_ptr(), count.data_ptr())
+    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
+    weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1)."""
+    _over_columns(_library().gma_cpu_fold, batch, batch.weights,
+                  batch.weights if weighted else None, total.data_ptr(), count.data_ptr())

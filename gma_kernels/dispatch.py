@@ -1,0 +1,129 @@
+"""The dispatcher, the only module that imports a backend: it picks one, applies the non-finite
+policy and runs the density rescale (two passes: the density must be known before the step).
+
+Call path: ``api.gma_step`` → ``execute`` → the backend's ``run(job)``, whose mask is
+``formula.mask_from_count`` (``backends/torch_ops.py``), the C loop (``backends/csrc``) or the
+Triton kernel (``backends/triton_kernel.py``), all from ``formula.mask_threshold``.
+
+Every backend module has the same entry points: ``run(job) -> Outcome`` (aggregate and step),
+``step(config, params, states, g, mask=None, *, guard) -> bool`` (a step on a known ``g``) and
+``fold(batch, total, count, weighted)`` (the streaming accumulator's sums).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .batch import ClientBatch
+from .config import (NONFINITE_POLICIES, GMAStats, NonFiniteError, NonFinitePolicy, StepConfig,
+                     _check_choice)
+from .job import Job, Outcome
+
+BACKENDS = ("auto", "triton", "torch")
+_OVERFLOW = ("the weighted sum of the updates, or the step it makes, overflows float32; params and "
+             "optimizer state left unchanged")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The backend module for ``backend`` on ``device``: "auto" is Triton on CUDA when
+    importable, else "torch"; "torch" on CPU is the native C kernel when it is usable."""
+    _check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "torch":
+        from .backends import native, torch_ops
+        return native if device.type == "cpu" and native.usable() else torch_ops
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton), "
+                         "or use backend='torch'")
+    if device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(f"backend='triton' runs on CUDA tensors (got {device}); on CPU only under "
+                         "Triton's interpreter (TRITON_INTERPRET=1 set before import)")
+    from .backends import triton_kernel
+    return triton_kernel
+
+
+def screen_nonfinite(batch: ClientBatch, policy: NonFinitePolicy, *,
+                     name: Callable[[int], str], untouched: str, hint: str = "") -> list[int]:
+    """The non-finite policy, one home for the batch path and the accumulator: the clients of
+    ``batch`` to aggregate. "raise" raises ``NonFiniteError`` naming (``name(k)``) every client
+    whose update holds a NaN or an infinity and saying what was left ``untouched``; "drop"
+    returns the others; "unchecked" returns every client without looking."""
+    everyone = list(range(batch.num_clients))
+    if policy == "unchecked":
+        return everyone
+    bad = [k for k, row in enumerate(batch.rows) if not bool(torch.isfinite(row).all())]
+    if bad and policy == "raise":
+        names = ", ".join(name(k) for k in bad)
+        raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); {untouched}{hint}")
+    return [k for k in everyone if k not in bad]
+
+
+def execute(job: Job, *, nonfinite: NonFinitePolicy = "raise", backend: str = "auto"
+            ) -> GMAStats:
+    """Run ``job`` guarded (unless "unchecked"); when the guard meets a non-finite value,
+    raise (state untouched) or, with "drop", aggregate the finite clients only."""
+    _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    impl = resolve_backend(backend, job.batch.device)
+    job = replace(job, guard=nonfinite != "unchecked")
+    outcome = _rescaled(impl, job) if job.mask.rescale else impl.run(job)
+    if outcome.finite:
+        return GMAStats(outcome.sums, job.batch.numel, job.batch.num_clients)
+    untouched = "params and optimizer state left unchanged" if job.params is not None \
+        else "nothing was computed"
+    keep = screen_nonfinite(job.batch, nonfinite, name=lambda k: f"updates[{k}]",
+                            untouched=untouched,
+                            hint=" (nonfinite='drop' aggregates the other clients)")
+    if len(keep) == job.batch.num_clients:
+        raise NonFiniteError(_OVERFLOW)
+    if not keep:
+        names = ", ".join(f"updates[{k}]" for k in range(job.batch.num_clients))
+        raise NonFiniteError(f"every update is non-finite ({names}); {untouched}")
+    dropped = tuple(k for k in range(job.batch.num_clients) if k not in keep)
+    job = replace(job, batch=job.batch.subset(keep))
+    outcome = _rescaled(impl, job) if job.mask.rescale else impl.run(job)
+    if not outcome.finite:
+        raise NonFiniteError(_OVERFLOW)
+    return GMAStats(outcome.sums, job.batch.numel, job.batch.num_clients, dropped)
+
+
+def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], g: Tensor,
+         mask: Tensor | None = None, *, guard: bool, backend: str = "auto") -> bool:
+    """A server step on a known ``g`` (``mask`` multiplies it when ``config.masks_step``) on
+    the chosen backend; returns whether it stepped (with ``guard``, only if all is finite)."""
+    return resolve_backend(backend, params.device).step(config, params, states, g, mask,
+                                                        guard=guard)
+
+
+def _rescaled(impl: ModuleType, job: Job) -> Outcome:
+    """The density rescale in two passes: ``g`` first, then ``g / (mean(m) + 1e-12)`` and the
+    step; not finite when the guard met a non-finite value in either."""
+    n = job.batch.numel
+    g = job.g_out if job.g_out is not None else torch.empty(n, dtype=torch.float32,
+                                                            device=job.batch.device)
+    outcome = impl.run(replace(job, step=None, params=None, states=(), g_out=g))
+    if not outcome.finite:
+        return outcome
+    g.mul_(1.0 / (outcome.mask_sum / n + 1e-12))
+    if job.guard and not bool(torch.isfinite(g).all()):
+        return Outcome(False, outcome.sums)  # the rescale overflowed: nothing may reach params
+    if job.step is not None and not impl.step(job.step, job.params, job.states, g,
+                                              guard=job.guard):
+        return Outcome(False, outcome.sums)
+    return outcome

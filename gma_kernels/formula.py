@@ -1,0 +1,157 @@
+"""The GMA formula's pieces, one home for every backend.
+
+* **Threshold** from ``τ`` and K (``mask_threshold``): unweighted, the smallest integer sign
+  count ``c`` with ``c / K ≥ τ`` (``count_threshold``), so the mask compares integers and is
+  bit-identical everywhere; weighted, ``τ`` lowered by the float32 rounding bound of the
+  weighted sum (``weighted_threshold``).
+* **Mask** from the signed count (``mask_from_count``): ``A = |count| · scale``; ``m = 1``
+  where ``|count| ≥ threshold``, else ``A`` (soft) or 0 (hard). The Triton kernel and the C
+  kernel compute the same two lines in registers, from the same threshold and scale.
+* **Server step** on a known ``g`` (``step_values``, ``apply_step``): sgd ``w += η g``;
+  momentum ``v = β v + g, w += η v``; adam/yogi/adagrad ``m = β1 m + (1−β1) g``,
+  ``v = β2 v + (1−β2) g²`` / ``v − (1−β2) g² sign(v − g²)`` / ``v + g²``,
+  ``w += η m / (√v + ε)`` (Reddi et al. 2021, no bias correction).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import MaskConfig, StepConfig
+
+STEP_BLOCK = {"cpu": 1 << 17, "other": 1 << 24}
+"""Coordinates stepped together: on CPU the step's temporaries stay in cache; on a GPU they
+stay within 64 MiB each, so a huge buffer is stepped in a few launches per block."""
+
+
+def fp32_scalar(x: float) -> float:
+    """``x`` rounded to float32, so every backend multiplies by the very same constant."""
+    return float(np.float32(x))
+
+
+def count_threshold(tau: float, num_clients: int) -> float:
+    """Smallest integer sign count ``c`` with ``c / K ≥ τ``.
+
+    ``c / K`` is evaluated as a float64 division, as ``A ≥ τ`` reads: the binary ``τ = 0.4``
+    is a hair above 2/5, so an exact rational comparison would drop the tie ``A = 0.4``
+    (4 of 10 clients) that ``A ≥ τ`` keeps.
+    """
+    k = num_clients
+    c = min(k, max(0, math.ceil(tau * k)))
+    while c > 0 and (c - 1) / k >= tau:
+        c -= 1
+    while c < k and c / k < tau:
+        c += 1
+    return float(c)
+
+
+def weighted_threshold(tau: float, num_clients: int) -> float:
+    """The threshold on the weighted agreement ``A = |Σ_k p̄_k sign(Δ_kj)|``: ``τ`` lowered by
+    ``(K + 1)·2⁻²⁴``, the float32 rounding bound of that sum (weights included), so that an
+    exact tie ``A = τ`` (all of 6 equal clients agreeing at τ = 1: 6 · fl32(1/6) is 1.0000001
+    or 0.99999994) is kept on every backend, as ``A ≥ τ`` says."""
+    return max(0.0, tau - (num_clients + 1) * 2.0 ** -24) if tau > 0 else 0.0
+
+
+def mask_threshold(mask: MaskConfig, num_clients: int) -> tuple[float, float]:
+    """(threshold on the score, score → agreement scale). Unweighted: the score is the exact
+    sign count, compared with an integer threshold, and ``A = count · fl32(1/K)``."""
+    if mask.weighted_agreement:
+        return weighted_threshold(mask.tau, num_clients), 1.0
+    return count_threshold(mask.tau, num_clients), fp32_scalar(1.0 / num_clients)
+
+
+def mask_from_count(count: Tensor, threshold: float, scale: float, hard: bool
+                    ) -> tuple[Tensor, Tensor]:
+    """(m, A) from the signed count, overwriting ``count`` with ``A = |count| · scale``;
+    ``m = 1`` where ``|count| ≥ threshold``, else ``A`` (soft) or 0 (hard)."""
+    score = count.abs_()
+    keep = score >= threshold
+    agree = score.mul_(scale) if scale != 1.0 else score
+    return (keep.to(torch.float32) if hard else torch.where(keep, 1.0, agree)), agree
+
+
+def step_values(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+                mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One server step, out of place: the new params and state. ``x`` is ``g``, or, when the
+    mask multiplies the step (``step.masks_step``), the unmasked average with ``mask``."""
+    if step.kind == "sgd":
+        new_states: tuple[Tensor, ...] = ()
+        direction = x
+    elif step.kind == "momentum":
+        (velocity,) = states
+        direction = velocity * step.momentum + x
+        new_states = (direction,)
+    else:
+        first, second = states
+        first = first * step.beta1 + x * (1.0 - step.beta1)
+        sq = x * x
+        if step.kind == "adam":
+            second = second * step.beta2 + sq * (1.0 - step.beta2)
+        elif step.kind == "yogi":
+            second = second - (1.0 - step.beta2) * sq * torch.sign(second - sq)
+        else:
+            second = second + sq
+        direction = first / (second.sqrt() + step.eps)
+        new_states = (first, second)
+    if mask is not None:
+        direction = direction * mask
+    return params + step.lr * direction, new_states
+
+
+#: below float32's largest value (3.4e38) by a factor of 2, so the bound's own rounding is safe
+_SAFE = 1.7e38
+
+
+def _surely_finite(step: StepConfig, params: Tensor, states: tuple[Tensor, ...],
+                   x: Tensor) -> bool:
+    """Whether the step's new params and state are certainly finite, from bounds on the
+    inputs' largest magnitudes (|direction| ≤ |m|/ε for the adaptive kinds, mask ≤ 1); False
+    also when any input is not finite (every comparison with NaN is False)."""
+    def biggest(t: Tensor) -> float:  # max |t| in one read-only pass (inf if NaN)
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        return math.inf if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+
+    g = biggest(x)
+    if step.kind == "sgd":
+        direction = g
+    elif step.kind == "momentum":
+        direction = step.momentum * biggest(states[0]) + g
+    else:
+        first = step.beta1 * biggest(states[0]) + (1.0 - step.beta1) * g
+        second = biggest(states[1]) + g * g
+        if not (g < 1e19 and first < _SAFE and second < _SAFE):
+            return False
+        direction = first / step.eps
+    return direction < _SAFE and biggest(params) + step.lr * direction < _SAFE
+
+
+def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+               mask: Tensor | None = None, *, guard: bool = False) -> bool:
+    """One server step in place (``step_values``), block by block (``STEP_BLOCK``).
+    With ``guard`` nothing is written unless every new value is finite: a bound from the
+    inputs' largest magnitudes (``_surely_finite``, a few read-only passes) settles it in the
+    common case, else every new value is computed and checked first. Returns whether it
+    stepped."""
+    n = params.numel()
+    size = STEP_BLOCK["cpu" if params.device.type == "cpu" else "other"]
+    blocks = [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+    def values(sl: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return step_values(step, params[sl], tuple(t[sl] for t in states), x[sl],
+                           None if mask is None else mask[sl])
+
+    if guard and not _surely_finite(step, params, states, x):
+        for sl in blocks:
+            new_params, new_states = values(sl)
+            if not all(bool(torch.isfinite(t).all()) for t in (new_params, *new_states)):
+                return False
+    for sl in blocks:
+        new_params, new_states = values(sl)
+        params[sl].copy_(new_params)
+        for target, value in zip(states, new_states):
+            target[sl].copy_(value)
+    return True
