@@ -6,6 +6,7 @@ the same names in kebab case (``fedsim.run`` builds them from the fields and the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import sys
@@ -111,8 +112,8 @@ class Config:
     # gradient masked averaging (algorithms with GMA only)
     gma_tau: float = _setting(0.4, "agreement threshold tau in [0, 1]")
     gma_mask: str = _setting("soft", "mask kind", MASK_KINDS)
-    gma_placement: str = _setting("before", "mask the average before the optimizer, or its step after",
-                                   PLACEMENTS)
+    gma_mask_placement: str = _setting("before", "mask the average before the optimizer, or its "
+                                       "step after", PLACEMENTS)
     gma_rescale: bool = _setting(False, "divide the masked average by the mask density")
     gma_weighted_agreement: bool = _setting(False, "weight the sign agreement by client size")
     # client algorithms
@@ -197,11 +198,11 @@ class Config:
         if self.fedpvr_start_layer not in names:
             raise ValueError(f"fedpvr_start_layer: {self.fedpvr_start_layer!r} is not a parameter "
                              f"of model {self.model!r}; valid: {', '.join(names)}")
-        if self.gma_rescale and self.gma_placement == "after":
+        if self.gma_rescale and self.gma_mask_placement == "after":
             for name in self.algorithms:
                 kind = server_optimizer_of(name) or self.server_optimizer
                 if is_masked(name) and kind != "sgd":
-                    raise ValueError("gma_rescale needs gma_placement='before' with a stateful "
+                    raise ValueError("gma_rescale needs gma_mask_placement='before' with a stateful "
                                      f"server optimizer ({kind!r}, algorithm {name!r})")
         self.torch_device()
 
@@ -266,8 +267,10 @@ class Config:
         """A Config from a flat mapping of field names; unknown keys are refused."""
         unknown = sorted(set(values) - set(FIELD_TYPES))
         if unknown:
+            close = {k: difflib.get_close_matches(k, FIELD_TYPES, n=1) for k in unknown}
+            hints = "".join(f"; did you mean {m[0]!r} for {k!r}?" for k, m in close.items() if m)
             raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)} "
-                              f"(valid: {', '.join(FIELD_TYPES)})")
+                              f"(valid: {', '.join(FIELD_TYPES)}){hints}")
         return cls(**values)
 
     @classmethod

@@ -29,7 +29,8 @@ class Server:
         self.optimizer = ServerOptimizer(
             self.flat.buffer, kind, lr=config.server_lr_for(kind, masked),
             momentum=config.server_momentum, beta1=config.server_beta1,
-            beta2=config.server_beta2, eps=config.server_eps, mask_placement=config.gma_placement,
+            beta2=config.server_beta2, eps=config.server_eps,
+            mask_placement=config.gma_mask_placement,
             tau=config.gma_tau if masked else 0.0, mask=config.gma_mask,
             weighted_agreement=config.gma_weighted_agreement,
             rescale=masked and config.gma_rescale)

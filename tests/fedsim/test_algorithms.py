@@ -488,8 +488,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny, monkeypatch, method):
     ({"fedpvr_start_layer": "body.1.weight"}, "is not a parameter of model 'cnn'"),
     ({"algorithms": ("fedavg", "fednova")}, "algorithms: unknown name 'fednova'; valid: fedavg, "
                                             "fedgma, fedprox, fedprox+gma, scaffold, scaffold+gma"),
-    ({"algorithms": ("fedadam+gma",), "gma_rescale": True, "gma_placement": "after"},
-     "gma_rescale needs gma_placement='before' with a stateful server optimizer ('adam', "
+    ({"algorithms": ("fedadam+gma",), "gma_rescale": True, "gma_mask_placement": "after"},
+     "gma_rescale needs gma_mask_placement='before' with a stateful server optimizer ('adam', "
      "algorithm 'fedadam+gma')"),
 ])
 def test_bad_hyperparameters_are_refused(settings, message):
