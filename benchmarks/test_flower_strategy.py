@@ -1,5 +1,5 @@
-"""Flower strategies: our ``FedGMA`` (and ``GMAFedAdam``) ``aggregate_train`` against Flower's own
-``FedAvg`` (and ``FedAdam``) ``aggregate_train`` on the same 16 replies of a ~4.2M-parameter
+"""Flower strategies: our ``GMAFedAvg`` (and ``GMAFedAdam``) ``aggregate_train`` against Flower's
+own ``FedAvg`` (and ``FedAdam``) ``aggregate_train`` on the same 16 replies of a ~4.2M-parameter
 model (five float32 arrays), as a Flower ServerApp receives them: ``Message`` objects whose
 ``ArrayRecord`` holds serialized ``.npy`` bytes.
 
@@ -27,7 +27,7 @@ except ImportError as err:
     pytest.skip(f"Flower's Message API strategies are missing: {err}", allow_module_level=True)
 
 import _harness  # noqa: E402
-from gma_kernels.integrations.flower import FedGMA, GMAFedAdam  # noqa: E402
+from gma_kernels.integrations.flower import GMAFedAdam, GMAFedAvg  # noqa: E402
 
 K = 16
 SHAPES = {"embed.weight": (2048, 1024), "fc1.weight": (1024, 1536), "fc1.bias": (1536,),
@@ -43,12 +43,12 @@ def _devices() -> list[str]:
 CONTENDERS = {
     # name: (factory(device) -> strategy, device-dependent)
     "flower_fedavg": (lambda device: FedAvg(), False),
-    "fedgma": (lambda device: FedGMA(gma_tau=0.4, device=device), True),
-    "fedgma[streaming]": (lambda device: FedGMA(gma_tau=0.4, device=device, streaming=True),
+    "fedgma": (lambda device: GMAFedAvg(gma_tau=0.4, device=device), True),
+    "fedgma[streaming]": (lambda device: GMAFedAvg(gma_tau=0.4, device=device, streaming=True),
                           True),
     "flower_fedadam": (lambda device: FedAdam(), False),
     "gma_fedadam": (lambda device: GMAFedAdam(gma_tau=0.4, device=device), True),
-    "fedgma.set_global_arrays": (lambda device: FedGMA(gma_tau=0.4, device=device), True),
+    "fedgma.set_global_arrays": (lambda device: GMAFedAvg(gma_tau=0.4, device=device), True),
 }
 
 

@@ -1,8 +1,8 @@
-"""FedGMA with Flower: a complete ServerApp and ClientApp, run in Flower's simulation.
+"""GMAFedAvg with Flower: a complete ServerApp and ClientApp, run in Flower's simulation.
 
 Three SuperNodes train a small MLP on non-IID synthetic data (each node sees mostly its own
 classes, so the clients' updates disagree); the server aggregates with gradient masked
-averaging (``FedGMA``) instead of FedAvg. No dataset download.
+averaging (``GMAFedAvg``) instead of FedAvg. No dataset download.
 
     pip install "gma-kernels[flower]" "flwr[simulation]"
     python examples/flower_example.py [--rounds 2] [--nodes 3] [--strategy fedgma|gmafedadam|fedavg]
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from gma_kernels.integrations.flower import FedGMA, GMAFedAdam
+from gma_kernels.integrations.flower import GMAFedAdam, GMAFedAvg
 
 NUM_CLASSES, FEATURES = 4, 20
 
@@ -88,7 +88,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 server_app = ServerApp()
 STRATEGIES = {
-    "fedgma": lambda: FedGMA(gma_tau=0.4, mask="soft", server_learning_rate=1.0),
+    "fedgma": lambda: GMAFedAvg(gma_tau=0.4, mask="soft", server_learning_rate=1.0),
     "gmafedadam": lambda: GMAFedAdam(gma_tau=0.4, eta=0.05, eta_l=0.1),
     "fedavg": lambda: FedAvg(),
 }

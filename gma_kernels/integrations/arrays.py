@@ -13,11 +13,11 @@ then ``w + lr · m ⊙ Σ_k p̄_k Δ_k`` through ``gma_kernels.gma_step`` over o
 (on CUDA when available, for arrays). ``tau=0`` with ``lr=1`` is plain weighted FedAvg.
 Floating-point arrays are aggregated in float32 and cast back to their dtype. Integer and
 boolean arrays (BatchNorm's ``num_batches_tracked``, say) are not masked: they get the weighted
-mean of the clients' values, rounded to the nearest integer.
+mean of the clients' values, rounded to the nearest integer. The layout and that mean are
+``gma_kernels.integrations.codec``'s, shared with the Flower strategies.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import gma_step
+from .. import GMAStats, gma_step
 from ..config import MaskKind, NonFinitePolicy
-from ..engine import GMAStats
+from .codec import ArrayLayout, ArraySpec, rounded_mean
 
 __all__ = ["aggregate_arrays", "aggregate_state_dicts"]
 
@@ -168,13 +168,10 @@ def _aggregate(names: list[str], global_tensors: list[Tensor], clients: list[lis
     entries by the rounded weighted mean. Returns new tensors (dtype and device of the
     global's) and the stats."""
     device = torch.device(device)
-    floating = [t.is_floating_point() for t in global_tensors]
-    if not any(floating):
+    layout = ArrayLayout.of(ArraySpec(name, tuple(t.shape), t.dtype)
+                            for name, t in zip(names, global_tensors))
+    if not layout.flat.segments:
         raise ValueError("the global model has no floating-point array to aggregate")
-    offsets, numel = [], 0
-    for t, is_float in zip(global_tensors, floating):
-        offsets.append(numel)
-        numel += t.numel() if is_float else 0
     for k, tensors in enumerate(clients):
         for name, t, g in zip(names, tensors, global_tensors):
             if t.shape != g.shape:
@@ -182,10 +179,11 @@ def _aggregate(names: list[str], global_tensors: list[Tensor], clients: list[lis
                                  f"model's has {tuple(g.shape)}")
 
     def flat(tensors: list[Tensor]) -> Tensor:
-        out = torch.empty(numel, dtype=torch.float32, device=device)
-        for t, off, is_float in zip(tensors, offsets, floating):
-            if is_float:
-                out[off:off + t.numel()].copy_(t.reshape(-1))
+        out = torch.empty(layout.numel, dtype=torch.float32, device=device)
+        views = layout.flat.views(out)
+        for spec, t in zip(layout.specs, tensors):
+            if spec.floating:
+                views[spec.name].copy_(t)
         return out
 
     params = flat(global_tensors)
@@ -200,17 +198,17 @@ def _aggregate(names: list[str], global_tensors: list[Tensor], clients: list[lis
 
     raw = [1.0] * len(clients) if weights is None else [float(w) for w in weights]
     kept = [k for k in range(len(clients)) if k not in set(stats.dropped)]
-    total = math.fsum(raw[k] for k in kept)
+    views = layout.flat.views(params)
     out = []
-    for i, (g, off, is_float) in enumerate(zip(global_tensors, offsets, floating)):
-        if is_float:
-            value = params[off:off + g.numel()].view(g.shape)
-            out.append(value.to(device=g.device, dtype=g.dtype, copy=True))
+    for i, (spec, g) in enumerate(zip(layout.specs, global_tensors)):
+        if spec.floating:
+            out.append(views[spec.name].to(device=g.device, dtype=g.dtype, copy=True))
             continue
-        mean = torch.zeros(g.shape, dtype=torch.float64)
-        for k in kept:
-            mean += clients[k][i].detach().cpu().to(torch.float64) * (raw[k] / total)
-        if are_updates:
-            mean = g.detach().cpu().to(torch.float64) + mean
-        out.append(torch.round(mean).to(dtype=g.dtype, device=g.device))
+        mean = rounded_mean([_float64(clients[k][i]) for k in kept], [raw[k] for k in kept],
+                            _float64(g) if are_updates else None)
+        out.append(torch.from_numpy(mean).to(dtype=g.dtype, device=g.device))
     return out, stats
+
+
+def _float64(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().to(torch.float64).numpy()

@@ -1,9 +1,9 @@
-"""Flower strategies with gradient masked averaging (FedGMA), for Flower's Message API.
+"""Flower strategies with gradient masked averaging (GMA), for Flower's Message API.
 
 =================  ===================  =============================================
 strategy           Flower parent        server step on the masked pseudo-gradient ``g``
 =================  ===================  =============================================
-``FedGMA``         ``FedAvg``           ``w + server_learning_rate · g``
+``GMAFedAvg``      ``FedAvg``           ``w + server_learning_rate · g``
 ``GMAFedAvgM``     ``FedAvgM``          momentum (``server_momentum``)
 ``GMAFedAdam``     ``FedAdam``          Adam with Flower's ``eta``, ``beta_1``, ``beta_2``,
                                         ``tau`` (its ε) and its per-round bias correction
@@ -37,7 +37,8 @@ model's keys, shapes and dtypes. Floating-point arrays are aggregated in float32
 boolean arrays get the rounded weighted mean (not masked). Metrics are aggregated with the
 parent's ``train_metrics_aggr_fn``. The optimizer state lives in ``strategy.server_optimizer``
 (a ``gma_kernels.ServerOptimizer``; ``state_dict()`` saves it) and the last round's mask
-statistics in ``strategy.last_stats``.
+statistics in ``strategy.last_stats``. The arrays' layout and the integer mean are
+``gma_kernels.integrations.codec``'s, shared with ``gma_kernels.integrations.arrays``.
 
 Calling ``aggregate_train`` without a ``Strategy.start`` loop: set the global model first with
 ``strategy.set_global_arrays(arrays)`` (``configure_train`` does it).
@@ -48,7 +49,6 @@ import math
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from io import BytesIO
 from logging import INFO, WARNING
 from typing import Any
@@ -69,12 +69,11 @@ except ImportError as _err:  # pragma: no cover - exercised only without Flower
                       "flwr.serverapp.strategy); install it with pip install 'flwr>=1.22' or "
                       "pip install 'gma-kernels[flower]'") from _err
 
-from ..config import MaskKind, NonFinitePolicy, Placement, StepConfig
-from ..engine import GMAStats
-from ..optim import ServerOptimizer
-from ..streaming import Accumulator
+from .. import Accumulator, GMAStats, MaskConfig, ServerOptimizer, StepConfig
+from ..config import MaskKind, NonFinitePolicy, Placement
+from .codec import ArrayLayout, ArraySpec, rounded_mean
 
-__all__ = ["FedGMA", "GMAFedAvgM", "GMAFedAdam", "GMAFedYogi", "GMAFedAdagrad"]
+__all__ = ["GMAFedAvg", "GMAFedAvgM", "GMAFedAdam", "GMAFedYogi", "GMAFedAdagrad"]
 
 NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY
 
@@ -82,56 +81,22 @@ NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY
 # ----------------------------------------------------------------------------- arrays
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One array of the model: where its values live in the flat float32 buffer."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def floating(self) -> bool:
-        return self.dtype.kind == "f"
-
-    @property
-    def span(self) -> slice:
-        return slice(self.offset, self.offset + self.numel)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The global model's arrays in order; the floating-point ones share one flat buffer."""
-
-    entries: tuple[_Entry, ...]
-    numel: int
-
-    @classmethod
-    def of(cls, record: ArrayRecord) -> _Layout:
-        entries, offset = [], 0
-        for key, array in record.items():
-            if array.stype != NUMPY_STYPE:
-                raise ValueError(f"array {key!r} is serialized as {array.stype!r}; GMA reads "
-                                 f"{NUMPY_STYPE!r} arrays (Array(ndarray) or Array(tensor))")
-            dtype = np.dtype(array.dtype)
-            if dtype.kind not in "fiub":
-                raise ValueError(f"array {key!r} has dtype {dtype}; GMA aggregates real "
-                                 "floating-point (and integer or boolean) arrays")
-            entry = _Entry(key, tuple(int(s) for s in array.shape), dtype, offset)
-            entries.append(entry)
-            offset += entry.numel if entry.floating else 0
-        if offset == 0:
-            raise ValueError("the global ArrayRecord holds no floating-point array to aggregate")
-        return cls(tuple(entries), offset)
-
-    @property
-    def keys(self) -> set[str]:
-        return {e.key for e in self.entries}
+def _layout(record: ArrayRecord) -> ArrayLayout:
+    """The global model's layout, from its arrays' serialized metadata."""
+    specs = []
+    for key, array in record.items():
+        if array.stype != NUMPY_STYPE:
+            raise ValueError(f"array {key!r} is serialized as {array.stype!r}; GMA reads "
+                             f"{NUMPY_STYPE!r} arrays (Array(ndarray) or Array(tensor))")
+        dtype = np.dtype(array.dtype)
+        if dtype.kind not in "fiub":
+            raise ValueError(f"array {key!r} has dtype {dtype}; GMA aggregates real "
+                             "floating-point (and integer or boolean) arrays")
+        specs.append(ArraySpec(key, tuple(int(d) for d in array.shape), dtype))
+    layout = ArrayLayout.of(specs)
+    if layout.numel == 0:
+        raise ValueError("the global ArrayRecord holds no floating-point array to aggregate")
+    return layout
 
 
 def _values(array: Array) -> np.ndarray:
@@ -187,7 +152,7 @@ class _GMAStrategy:
         self.backend = backend
         self.server_optimizer: ServerOptimizer | None = None
         self.last_stats: GMAStats | None = None
-        self._layout: _Layout | None = None
+        self._layout: ArrayLayout | None = None
         self._params: Tensor | None = None
         self._staging: Tensor | None = None
         self._updates: Tensor | None = None
@@ -196,8 +161,7 @@ class _GMAStrategy:
         # the values as the caller gave them (FedAdam's lr is its eta, before bias correction)
         settings = {**self._step_settings(1), "lr": getattr(self, self._names["lr"])}
         try:
-            self._make_optimizer(torch.zeros(1),
-                                 StepConfig(mask_placement=self.mask_placement, **settings))
+            self._make_optimizer(torch.zeros(1), self._step_config(settings))
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {self._renamed(str(err))}") from None
 
@@ -211,20 +175,19 @@ class _GMAStrategy:
     def _step_settings(self, server_round: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _step_config(self, server_round: int) -> StepConfig:
-        return StepConfig(mask_placement=self.mask_placement, **self._step_settings(server_round))
+    def _step_config(self, settings: dict[str, Any]) -> StepConfig:
+        return StepConfig(mask_placement=self.mask_placement, **settings)
 
     def _make_optimizer(self, params: Tensor, step: StepConfig) -> ServerOptimizer:
-        return ServerOptimizer(params, step.kind, lr=step.lr, momentum=step.momentum,
-                               beta1=step.beta1, beta2=step.beta2, eps=step.eps,
-                               mask_placement=step.mask_placement, tau=self.gma_tau, mask=self.mask,
-                               weighted_agreement=self.weighted_agreement, rescale=self.rescale,
-                               backend=self.backend, nonfinite=self.nonfinite)
+        mask = MaskConfig(tau=self.gma_tau, mask=self.mask,
+                          weighted_agreement=self.weighted_agreement, rescale=self.rescale)
+        return ServerOptimizer.from_configs(params, step, mask, backend=self.backend,
+                                            nonfinite=self.nonfinite)
 
     def summary(self) -> None:
         log(INFO, "\t├──> GMA settings:")
-        log(INFO, "\t│\t├── gma_tau (%s) | mask (%s) | placement (%s)", self.gma_tau, self.mask,
-            self.mask_placement)
+        log(INFO, "\t│\t├── gma_tau (%s) | mask (%s) | mask_placement (%s)", self.gma_tau,
+            self.mask, self.mask_placement)
         log(INFO, "\t│\t├── weighted agreement (%s) | rescale (%s) | non-finite (%s)",
             self.weighted_agreement, self.rescale, self.nonfinite)
         log(INFO, "\t│\t└── device (%s) | backend (%s) | streaming (%s)", self.device,
@@ -238,7 +201,7 @@ class _GMAStrategy:
         The optimizer state is kept while the arrays' keys, shapes and dtypes stay the same,
         and restarts from zero when they change.
         """
-        layout = _Layout.of(arrays)
+        layout = _layout(arrays)
         if self._layout != layout or self._params is None:
             if self._layout is not None:
                 log(WARNING, "GMA: the global arrays changed keys, shapes or dtypes; the server "
@@ -269,16 +232,15 @@ class _GMAStrategy:
             host = self._staging
         host_np = host.numpy()
         global_np = self._params.numpy() if subtract and on_host else None
-        for e in self._layout.entries:
-            if not e.floating:
-                continue
-            src = _values(record[e.key])
-            if src.shape != e.shape:
-                raise AggregationError(reason=f"array {e.key!r} of {who} has shape {src.shape}, "
-                                       f"the global model's has {e.shape}")
-            dst = host_np[e.span].reshape(e.shape)
+        for s in self._layout.flat.segments:
+            src = _values(record[s.name])
+            if src.shape != s.shape:
+                raise AggregationError(reason=f"array {s.name!r} of {who} has shape "
+                                       f"{src.shape}, the global model's has {s.shape}")
+            dst = host_np[s.offset:s.stop].reshape(s.shape)
             if global_np is not None:
-                np.subtract(src, global_np[e.span].reshape(e.shape), out=dst, casting="unsafe")
+                np.subtract(src, global_np[s.offset:s.stop].reshape(s.shape), out=dst,
+                            casting="unsafe")
             else:
                 np.copyto(dst, src, casting="unsafe")
         if not on_host:
@@ -299,16 +261,14 @@ class _GMAStrategy:
 
     def _record(self, ints: dict[str, list[np.ndarray]], weights: list[float]) -> ArrayRecord:
         """The new global model as an ArrayRecord: keys, shapes and dtypes of the global."""
-        flat = self._params.cpu().numpy()
-        total = math.fsum(weights)
+        floats = self._layout.flat.views(self._params.cpu())
         arrays = {}
-        for e in self._layout.entries:
-            if e.floating:
-                value = flat[e.span].reshape(e.shape).astype(e.dtype, copy=False)
+        for spec in self._layout.specs:
+            if spec.floating:
+                value = floats[spec.name].numpy().astype(spec.dtype, copy=False)
             else:
-                mean = sum(v.astype(np.float64) * (w / total) for v, w in zip(ints[e.key], weights))
-                value = np.rint(mean).astype(e.dtype)
-            arrays[e.key] = Array(np.asarray(value))
+                value = rounded_mean(ints[spec.name], weights).astype(spec.dtype)
+            arrays[spec.name] = Array(np.asarray(value))
         return ArrayRecord(arrays)
 
     # -- aggregation
@@ -327,23 +287,24 @@ class _GMAStrategy:
         records = [next(iter(c.array_records.values())) for c in contents]
         weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key])
                    for c in contents]
-        keys = self._layout.keys
+        keys = set(self._layout.names)
         for node, record in zip(nodes, records):
             if set(record.keys()) != keys:
                 raise AggregationError(reason=f"the arrays from node {node} have different keys "
                                        "from the global arrays this strategy holds: the "
                                        "updates w_k - w cannot be computed")
         try:
-            outcome = self._step(server_round, records, weights, nodes)
+            opt = self._optimizer(server_round)
+            ints = self._integer_values(records, nodes)
+            stats = self._step(opt, records, weights, nodes)
         except ValueError as err:
             order = ", ".join(f"{k}: node {n}" for k, n in enumerate(nodes))
             raise AggregationError(reason=f"GMA aggregation failed in round {server_round}: "
                                    f"{err} (replies by index: {order})") from err
-        if outcome is None:
+        if stats is None:
             log(WARNING, "aggregate_train: every reply holds non-finite values (nodes %s); "
                 "round %s aggregates nothing", nodes, server_round)
             return None, None
-        stats, ints = outcome
         self.last_stats = stats
         kept = [k for k in range(len(records)) if k not in set(stats.dropped)]
         if stats.dropped:
@@ -356,24 +317,35 @@ class _GMAStrategy:
         metrics = self.train_metrics_aggr_fn([contents[k] for k in kept], self.weighted_by_key)
         return arrays, metrics
 
-    def _step(self, server_round: int, records: list[ArrayRecord], weights: list[float],
-              nodes: list[int]) -> tuple[GMAStats, dict[str, list[np.ndarray]]] | None:
-        """Read the updates and step the global buffer (and the optimizer state) in place;
-        None (nothing stepped) when every update is non-finite and ``nonfinite="drop"``."""
-        step = self._step_config(server_round)
+    def _optimizer(self, server_round: int) -> ServerOptimizer:
+        """The server optimizer, set to this round's step (made anew for new global arrays or
+        another optimizer kind)."""
+        step = self._step_config(self._step_settings(server_round))
         opt = self.server_optimizer
         if opt is None or opt.params is not self._params or opt.step_config.kind != step.kind:
             opt = self.server_optimizer = self._make_optimizer(self._params, step)
         opt.step_config = step
+        return opt
+
+    def _integer_values(self, records: list[ArrayRecord], nodes: list[int]
+                        ) -> dict[str, list[np.ndarray]]:
+        """Every reply's integer and boolean arrays, by key (checked against the global's
+        shapes)."""
         ints: dict[str, list[np.ndarray]] = {}
-        for e in self._layout.entries:
-            if e.floating:
-                continue
-            ints[e.key] = [_values(record[e.key]) for record in records]
-            for node, value in zip(nodes, ints[e.key]):
-                if value.shape != e.shape:
-                    raise AggregationError(reason=f"array {e.key!r} from node {node} has shape "
-                                           f"{value.shape}, the global model's has {e.shape}")
+        for spec in self._layout.others:
+            ints[spec.name] = [_values(record[spec.name]) for record in records]
+            for node, value in zip(nodes, ints[spec.name]):
+                if value.shape != spec.shape:
+                    raise AggregationError(reason=f"array {spec.name!r} from node {node} has "
+                                           f"shape {value.shape}, the global model's has "
+                                           f"{spec.shape}")
+        return ints
+
+    def _step(self, opt: ServerOptimizer, records: list[ArrayRecord], weights: list[float],
+              nodes: list[int]) -> GMAStats | None:
+        """Read the updates and step the global buffer (and the optimizer state) in place;
+        None, with nothing stepped, when every reply is dropped (``nonfinite="drop"``: all
+        hold non-finite values)."""
         n = self._layout.numel
         if self.streaming:
             acc = Accumulator(n, device=self.device, weighted_agreement=self.weighted_agreement,
@@ -382,12 +354,21 @@ class _GMAStrategy:
             for node, record, w in zip(nodes, records, weights):
                 self._read_into(record, delta, subtract=True, who=f"node {node}")
                 acc.add(delta, [w])
-            if acc.num_clients == 0:  # every reply dropped for non-finite values
+            if acc.num_clients == 0:  # every reply dropped
                 return None
-            return opt.step_accumulated(acc), ints
-        # the rows of one [K, N] matrix (on CUDA: read into a pinned host matrix, then one
-        # copy), kept between rounds: fresh ones would cost K·N·4 bytes of page faults a round
-        k = len(records)
+            return opt.step_accumulated(acc)
+        updates = self._read_updates(records, nodes)
+        # every reply dropped: known before the step (any() stops at the first finite update,
+        # so a round without NaN or inf reads one row)
+        if self.nonfinite == "drop" and not any(map(_finite, updates)):
+            return None
+        return opt.step(updates, weights)
+
+    def _read_updates(self, records: list[ArrayRecord], nodes: list[int]) -> Tensor:
+        """The updates as the rows of one ``[K, N]`` matrix (on CUDA: read into a pinned host
+        matrix, then one copy), kept between rounds: fresh ones would cost K·N·4 bytes of page
+        faults a round."""
+        k, n = len(records), self._layout.numel
         updates = self._matrix("_updates", k, n, self.device)
         on_host = self.device.type == "cpu"
         rows = updates if on_host else self._matrix("_host_rows", k, n, torch.device("cpu"))
@@ -403,19 +384,21 @@ class _GMAStrategy:
         if not on_host:
             updates.copy_(rows)
             updates.sub_(self._params)
-        try:
-            return opt.step(updates, weights), ints
-        except ValueError:
-            if self.nonfinite == "drop" and not any(bool(torch.isfinite(u).all())
-                                                    for u in updates):
-                return None
-            raise
+        return updates
+
+
+def _finite(update: Tensor) -> bool:
+    """Whether ``update`` holds no NaN or infinity (on the CPU through NumPy, many times faster
+    there than ``torch.isfinite``)."""
+    if update.device.type == "cpu":
+        return bool(np.isfinite(update.numpy()).all())
+    return bool(torch.isfinite(update).all())
 
 
 # ----------------------------------------------------------------------------- strategies
 
 
-class FedGMA(_GMAStrategy, FedAvg):
+class GMAFedAvg(_GMAStrategy, FedAvg):
     """Flower's ``FedAvg`` with gradient masked averaging: ``w ← w + η · m ⊙ Σ p̄_k Δ_k``.
 
     Takes every ``FedAvg`` option, plus ``server_learning_rate`` (η, default 1.0) and the GMA
@@ -425,7 +408,7 @@ class FedGMA(_GMAStrategy, FedAvg):
 
     Example::
 
-        strategy = FedGMA(fraction_train=0.5, gma_tau=0.4, mask="soft")
+        strategy = GMAFedAvg(fraction_train=0.5, gma_tau=0.4, mask="soft")
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                                 num_rounds=10)
     """

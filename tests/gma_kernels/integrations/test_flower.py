@@ -19,12 +19,12 @@ except ImportError as err:  # Flower older than its Message API strategies (1.22
     pytest.skip(f"Flower's Message API strategies are missing: {err}", allow_module_level=True)
 
 import gma_kernels as gk
-from gma_kernels.integrations.flower import (FedGMA, GMAFedAdagrad, GMAFedAdam, GMAFedAvgM,
+from gma_kernels.integrations.flower import (GMAFedAdagrad, GMAFedAdam, GMAFedAvg, GMAFedAvgM,
                                              GMAFedYogi)
 
 SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (10, 72), "fc.bias": (10,)}
 PAIRS = [  # (ours, Flower's, constructor options both take)
-    (FedGMA, FedAvg, {}),
+    (GMAFedAvg, FedAvg, {}),
     (GMAFedAvgM, FedAvgM, {"server_momentum": 0.9, "server_learning_rate": 0.7}),
     (GMAFedAvgM, FedAvgM, {"server_learning_rate": 0.5}),
     (GMAFedAdam, FedAdam, {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-2}),
@@ -142,13 +142,13 @@ def test_tau0_equals_flower(ours, theirs, options):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_tau0_fedgma_is_weighted_fedavg(streaming):
+def test_tau0_gmafedavg_is_weighted_fedavg(streaming):
     rng = np.random.default_rng(1)
     model = make_model(rng)
     clients = make_clients(rng, model, k=5)
     weights = [3, 1, 4, 1, 5]
     replies = [reply(20 + k, c, w) for k, (c, w) in enumerate(zip(clients, weights))]
-    new, _ = run_round(FedGMA(gma_tau=0.0, streaming=streaming), 1, to_record(model), replies)
+    new, _ = run_round(GMAFedAvg(gma_tau=0.0, streaming=streaming), 1, to_record(model), replies)
     expected = {key: sum(w * c[key].astype(np.float64) for w, c in zip(weights, clients))
                 / sum(weights) for key in model}
     assert_arrays_close(new, expected, rtol=1e-5, atol=1e-6)
@@ -160,14 +160,14 @@ def test_tau0_fedgma_is_weighted_fedavg(streaming):
 @pytest.mark.parametrize("mask", ["soft", "hard"])
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("weighted_agreement", [False, True])
-def test_fedgma_equals_gma_kernels(mask, streaming, weighted_agreement):
+def test_gmafedavg_equals_gma_kernels(mask, streaming, weighted_agreement):
     rng = np.random.default_rng(2)
     model = make_model(rng)
     clients = make_clients(rng, model, k=6)
     weights = [5.0, 1.0, 2.0, 8.0, 3.0, 1.0]
     replies = [reply(30 + k, c, w) for k, (c, w) in enumerate(zip(clients, weights))]
-    strategy = FedGMA(gma_tau=0.5, mask=mask, server_learning_rate=0.8, streaming=streaming,
-                      weighted_agreement=weighted_agreement)
+    strategy = GMAFedAvg(gma_tau=0.5, mask=mask, server_learning_rate=0.8, streaming=streaming,
+                         weighted_agreement=weighted_agreement)
     new, _ = run_round(strategy, 1, to_record(model), replies)
     w = flat(model)
     updates = [flat(c) - w for c in clients]
@@ -225,13 +225,14 @@ def test_error_replies_dropped_like_flower():
     clients = make_clients(rng, model, k=3)
     good = [reply(50 + k, c, 7 + k) for k, c in enumerate(clients)]
     with_errors = [error_reply(60), good[0], error_reply(61), good[1], good[2]]
-    a, b = FedGMA(gma_tau=0.4), FedGMA(gma_tau=0.4)
+    a, b = GMAFedAvg(gma_tau=0.4), GMAFedAvg(gma_tau=0.4)
     new_a, metrics_a = run_round(a, 1, to_record(model), with_errors)
     new_b, metrics_b = run_round(b, 1, to_record(model), good)
     assert_arrays_close(new_a, arrays_of(new_b), rtol=0, atol=0)
     assert dict(metrics_a) == dict(metrics_b)
     # only errors: nothing to aggregate, as FedAvg
-    assert run_round(FedGMA(), 1, to_record(model), [error_reply(1), error_reply(2)]) == (None, None)
+    assert run_round(GMAFedAvg(), 1, to_record(model),
+                     [error_reply(1), error_reply(2)]) == (None, None)
     assert FedAvg().aggregate_train(1, [error_reply(1)]) == (None, None)
 
 
@@ -241,7 +242,7 @@ def test_inconsistent_replies_rejected_like_flower():
     c = make_clients(rng, model, k=2)
     missing_weight = [reply(1, c[0], 3), Message(RecordDict({
         "arrays": to_record(c[1]), "metrics": MetricRecord({"loss": 1.0})}), metadata=metadata(2))]
-    for strategy in (FedAvg(), FedGMA()):
+    for strategy in (FedAvg(), GMAFedAvg()):
         strategy.configure_train(1, to_record(model), ConfigRecord(), FakeGrid())
         with pytest.raises(InconsistentMessageReplies):
             strategy.aggregate_train(1, missing_weight)
@@ -253,7 +254,7 @@ def test_weighted_by_key_and_metrics_aggregation():
     clients = make_clients(rng, model, k=3)
     replies = [reply(70 + k, c, 1, samples=s, acc=a)
                for k, (c, s, a) in enumerate(zip(clients, [10, 30, 60], [0.5, 0.7, 0.9]))]
-    ours = FedGMA(gma_tau=0.0, weighted_by_key="samples")
+    ours = GMAFedAvg(gma_tau=0.0, weighted_by_key="samples")
     theirs = FedAvg(weighted_by_key="samples")
     new_ours, m_ours = run_round(ours, 1, to_record(model), replies)
     new_theirs, m_theirs = run_round(theirs, 1, to_record(model), replies)
@@ -271,14 +272,15 @@ def test_nonfinite_reply_dropped_or_raised():
     replies = [reply(80 + k, c, 5) for k, c in enumerate(clients[:2] + [bad] + clients[3:])]
     clean = [r for k, r in enumerate(replies) if k != 2]
     for streaming in (False, True):
-        dropped, metrics = run_round(FedGMA(streaming=streaming), 1, to_record(model), replies)
-        expected, expected_metrics = run_round(FedGMA(), 1, to_record(model), clean)
+        dropped, metrics = run_round(GMAFedAvg(streaming=streaming), 1, to_record(model),
+                                     replies)
+        expected, expected_metrics = run_round(GMAFedAvg(), 1, to_record(model), clean)
         assert_arrays_close(dropped, arrays_of(expected), rtol=1e-6, atol=1e-7)
         assert dict(metrics) == pytest.approx(dict(expected_metrics))
-        strict = FedGMA(nonfinite="raise", streaming=streaming)
+        strict = GMAFedAvg(nonfinite="raise", streaming=streaming)
         with pytest.raises(AggregationError, match="node 82"):
             run_round(strict, 1, to_record(model), replies)
-        assert run_round(FedGMA(streaming=streaming), 1, to_record(model),
+        assert run_round(GMAFedAvg(streaming=streaming), 1, to_record(model),
                          [replies[2], reply(90, bad, 1)]) == (None, None)
 
 
@@ -304,7 +306,7 @@ def test_dtypes_shapes_keys_preserved():
         c["flags"] = np.array([True, k == 2, k > 0])
         clients.append({key: c[key] for key in reversed(list(model))})  # other key order
     replies = [reply(k + 1, c, 1) for k, c in enumerate(clients)]
-    new, _ = run_round(FedGMA(gma_tau=0.0), 1, to_record(model), replies)
+    new, _ = run_round(GMAFedAvg(gma_tau=0.0), 1, to_record(model), replies)
     assert list(new.keys()) == list(model)
     for key, value in model.items():
         assert new[key].dtype == str(value.dtype) and tuple(new[key].shape) == value.shape, key
@@ -321,8 +323,8 @@ def test_needs_global_arrays_and_matching_keys():
     model = make_model(rng)
     replies = [reply(k + 1, c, 1) for k, c in enumerate(make_clients(rng, model, k=2))]
     with pytest.raises(AggregationError, match="configure_train"):
-        FedGMA().aggregate_train(1, replies)
-    strategy = FedGMA()
+        GMAFedAvg().aggregate_train(1, replies)
+    strategy = GMAFedAvg()
     strategy.set_global_arrays(to_record({k: v for k, v in model.items() if k != "fc.bias"}))
     with pytest.raises(AggregationError, match="different keys"):
         strategy.aggregate_train(1, replies)
@@ -353,12 +355,12 @@ def test_optimizer_state_kept_then_reset_on_new_layout():
 def test_constructor_options():
     s = GMAFedAdam(gma_tau=0.3, mask="hard", tau=0.01, eta=0.2, fraction_train=0.5)
     assert (s.gma_tau, s.mask, s.tau, s.eta, s.fraction_train) == (0.3, "hard", 0.01, 0.2, 0.5)
-    assert FedGMA(0.5, 0.25).fraction_evaluate == 0.25  # FedAvg's positional options pass
+    assert GMAFedAvg(0.5, 0.25).fraction_evaluate == 0.25  # FedAvg's positional options pass
     with pytest.raises(TypeError, match="gma_tau"):
-        FedGMA(tau=0.4)
+        GMAFedAvg(tau=0.4)
     # errors name the argument as the strategy takes it
-    with pytest.raises(ValueError, match=r"^FedGMA: gma_tau must be <= 1.0, got 1.5$"):
-        FedGMA(gma_tau=1.5)
+    with pytest.raises(ValueError, match=r"^GMAFedAvg: gma_tau must be <= 1.0, got 1.5$"):
+        GMAFedAvg(gma_tau=1.5)
     with pytest.raises(ValueError, match=r"^GMAFedAdam: gma_tau must be <= 1.0, got 2.0$"):
         GMAFedAdam(gma_tau=2)
     with pytest.raises(ValueError, match="mask='medium' is not one of"):
@@ -373,13 +375,13 @@ def test_constructor_options():
         GMAFedYogi(beta_1=1.5)
     with pytest.raises(ValueError, match="^GMAFedAvgM: server_momentum must be <= 1.0"):
         GMAFedAvgM(server_momentum=2.0)
-    with pytest.raises(ValueError, match="^FedGMA: server_learning_rate must be >= 0.0"):
-        FedGMA(server_learning_rate=-0.5)
+    with pytest.raises(ValueError, match="^GMAFedAvg: server_learning_rate must be >= 0.0"):
+        GMAFedAvg(server_learning_rate=-0.5)
     # settings that used to fail only at the first aggregation
     with pytest.raises(ValueError, match="nonfinite='skip' is not one of"):
-        FedGMA(nonfinite="skip")
+        GMAFedAvg(nonfinite="skip")
     with pytest.raises(ValueError, match="backend='cuda' is not one of 'auto', 'triton', 'torch'"):
-        FedGMA(backend="cuda")
+        GMAFedAvg(backend="cuda")
 
 
 def test_adagrad_step_closer_to_float64_than_flowers():
