@@ -43,7 +43,8 @@ def _library() -> ctypes.CDLL | None:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             head = [p, ctypes.c_int, i64, i64, i64, p, p]   # rows, dtype, K, lo, hi, w, a
             lib.gma_cpu_aggregate.argtypes = head + [ctypes.c_float, ctypes.c_float,
-                                                     ctypes.c_int, p, p, p, p]
+                                                     ctypes.c_int, p, p, p, p, ctypes.c_float,
+                                                     ctypes.c_int, p, p]
             lib.gma_cpu_fold.argtypes = head + [p, p]
             lib.gma_cpu_aggregate.restype = lib.gma_cpu_fold.restype = ctypes.c_int
             return lib
@@ -76,10 +77,11 @@ def _row_pointers(batch: ClientBatch) -> np.ndarray:
 
 
 def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
-                  agree_weights: tuple[float, ...] | None, *rest, sums: int = 0) -> np.ndarray:
+                  agree_weights: tuple[float, ...] | None, *rest, sums: int = 0
+                  ) -> tuple[list[int], list[int], np.ndarray]:
     """Call ``fn(rows, dtype, K, lo, hi, w, a, *rest)`` on contiguous column ranges, one per
     thread. With ``sums > 0`` each thread also gets a zeroed float64 array of that many sums
-    to add into, and the totals over the threads are returned."""
+    to add into. Returns (the range bounds, each thread's return code, ``[threads, sums]``)."""
     n = batch.numel
     pointers = _row_pointers(batch)
     w = np.array(weights, dtype=np.float32)
@@ -99,9 +101,9 @@ def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
         codes = [work(0)]
     else:
         codes = list(_pool(threads, os.getpid()).map(work, range(threads)))
-    if any(codes):
+    if any(c < 0 for c in codes):
         raise RuntimeError(f"native CPU kernel failed (codes {codes})")
-    return partial.sum(0)
+    return bounds, codes, partial
 
 
 def _address(t: Tensor | None) -> int | None:
@@ -109,7 +111,10 @@ def _address(t: Tensor | None) -> int | None:
 
 
 def run(job: Job) -> Outcome:
-    """Aggregate in the C kernel (``_aggregate``: sums, count, mask), then step."""
+    """Aggregate in the C kernel (``_aggregate``: sums, count, mask), then step; an SGD step
+    is made in the same pass (``_aggregate_and_sgd``)."""
+    if job.step is not None and job.step.kind == "sgd":
+        return _aggregate_and_sgd(job)
     g, mask_out = outputs(job)
     return finish(job, g, mask_out, *_aggregate(job, g, mask_out))
 
@@ -124,14 +129,52 @@ def _aggregate(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tens
     return bad == 0, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
 
 
+def _aggregate_and_sgd(job: Job) -> Outcome:
+    """One pass: the aggregate and ``w += η g`` tile by tile, ``g`` never written unless
+    ``job.g_out`` asks for it. Guarded, each tile is stepped only if its new values are all
+    finite, after its old values went to a scratch backup; when a tile fails, the stepped
+    tiles are put back from it, so ``params`` ends as it was."""
+    batch = job.batch
+    threshold, scale = mask_threshold(job.mask, batch.num_clients)
+    agree_w = batch.mean_weights if job.mask.weighted_agreement else None
+    backup = _scratch(batch.numel) if job.guard else None
+    bounds, codes, partial = _over_columns(
+        _library().gma_cpu_aggregate, batch, batch.mean_weights, agree_w, float(threshold),
+        float(scale), int(job.mask.mask == "hard"), _address(job.g_out), _address(job.a_out),
+        None, job.params.data_ptr(), float(job.step.lr), int(job.guard), _address(backup),
+        sums=4)
+    mask_sum, agreement_sum, bad, _ = partial.sum(0)
+    sums = torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
+    if not job.guard or (bad == 0 and not any(codes)):
+        return Outcome(True, sums)
+    for lo, stepped in zip(bounds, partial[:, 3].astype(np.int64).tolist()):
+        job.params[lo:lo + stepped].copy_(backup[lo:lo + stepped])
+    return Outcome(False, sums)
+
+
+_scratch_buffers: dict[int, Tensor] = {}
+
+
+def _scratch(numel: int) -> Tensor:
+    """A float32 buffer of ``numel`` elements kept for the next call of the same size (only
+    the latest size is kept): a new one would cost a page fault per 4 KiB on every call."""
+    buf = _scratch_buffers.get(numel)
+    if buf is None:
+        _scratch_buffers.clear()
+        buf = _scratch_buffers[numel] = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
 def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, threshold: float,
               scale: float, hard: bool, g: Tensor, a_out: Tensor | None,
               m_out: Tensor | None) -> np.ndarray:
     """Fill ``g`` (and ``a_out``, ``m_out``) for every column; return ``[Σ m, Σ A, #non-finite
     S_j]`` (float64). ``agree_weights`` None: the unweighted, exact sign count."""
-    return _over_columns(_library().gma_cpu_aggregate, batch, batch.mean_weights, agree_weights,
-                         float(threshold), float(scale), int(hard), g.data_ptr(),
-                         _address(a_out), _address(m_out), sums=3)
+    _, _, partial = _over_columns(
+        _library().gma_cpu_aggregate, batch, batch.mean_weights, agree_weights,
+        float(threshold), float(scale), int(hard), g.data_ptr(), _address(a_out),
+        _address(m_out), None, 0.0, 0, None, sums=4)
+    return partial.sum(0)[:3]
 
 
 def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:

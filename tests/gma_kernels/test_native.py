@@ -196,3 +196,32 @@ def test_a_forked_child_aggregates(many_threads):
     assert os.waitstatus_to_exitcode(done[1]) == 0
     with os.fdopen(read_end) as pipe:
         assert float(pipe.read()) == pytest.approx(float(g.double().sum()), rel=1e-9)
+
+
+@needs_native
+@pytest.mark.parametrize("where", ["first column", "mid-tile of thread 2", "third tile of thread 2",
+                                   "last column"])
+@pytest.mark.parametrize("poison", ["nan update", "overflowing step"])
+def test_fused_sgd_step_is_undone_when_a_late_tile_fails(where, poison, many_threads):
+    """gma_step's SGD step is made tile by tile in the C pass; a tile whose new values are not
+    finite (bad update, or w + lr·g overflowing) stops it, and every tile already stepped on
+    any thread is put back: params end bit for bit as they were."""
+    k, n = 5, 3 * 20011  # three threads, each over three tiles of the C loop
+    j = {"first column": 0, "mid-tile of thread 2": n // 3 + 700,
+         "third tile of thread 2": n // 3 + 2 * 8192 + 5, "last column": n - 1}[where]
+    gen = torch.Generator().manual_seed(j + len(poison))
+    updates = torch.randn(k, n, generator=gen)
+    params = torch.randn(n, generator=gen)
+    if poison == "nan update":
+        updates[2, j] = float("nan")
+    else:
+        updates[:, j] = 3e38  # all agree: g_j = 3e38, and w_j + 2·g_j overflows
+    before = params.clone()
+    with pytest.raises(gk.NonFiniteError):
+        gk.gma_step(params, updates, lr=2.0, backend="torch")
+    assert torch.equal(params, before)
+    if poison == "nan update":  # dropping the client steps with the others, on every tile
+        gk.gma_step(params, updates, lr=2.0, backend="torch", nonfinite="drop")
+        keep = [0, 1, 3, 4]
+        expected = ref.masked_mean(updates[keep].double(), None, tau=0.4, mask="soft")
+        assert_close(params - before, 2.0 * expected, scale=2.0)

@@ -1,12 +1,14 @@
 /* The fused GMA aggregation on CPU: one pass over every client's update, no K×N temporary.
  *
- * For the columns [lo, hi), tile by tile (TILE columns, accumulators in L1):
+ * For the columns [lo, hi), tile by tile (TILE columns, accumulators in L2: long runs per row,
+ * so the hardware prefetcher streams each row):
  *     S_j = Σ_k p̄_k x_kj          (float32, clients in order k = 0..K-1)
  *     C_j = Σ_k a_k sign(x_kj)     (a_k = 1: an exact integer count; or a_k = p̄_k)
  *     A_j = |C_j| · scale,  keep_j = |C_j| >= threshold
  *     m_j = keep_j ? 1 : (hard ? 0 : A_j)
  * and writes g_j = m_j · S_j (or S_j and m_j apart when the mask is applied after the server
- * step), optionally A_j, and the sums of m, of A and the count of non-finite S_j.
+ * step), optionally A_j, and the sums of m, of A and the count of non-finite S_j; or, with
+ * params, makes the SGD step params_j += lr · g_j in the same pass (gma_cpu_aggregate).
  *
  * Rows are float32, bfloat16 or float16 (converted exactly to float32 on load), each a pointer of
  * its own, so a list of tensors is read where it lies. Plain C, no Python headers: the package
@@ -19,7 +21,7 @@
 #include <string.h>
 
 #ifndef TILE
-#define TILE 512
+#define TILE 8192
 #endif
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__)
@@ -115,33 +117,57 @@ DEFINE_FOLD(fold_f32, load_f32)
 DEFINE_FOLD(fold_bf16, load_bf16)
 DEFINE_FOLD(fold_f16, load_f16)
 
+/* Sums of m and A are float32 over runs of SUM_RUN columns, then float64: the rounding of the
+ * statistics does not grow with the tile. */
+#define SUM_RUN 512
+
 MULTIVERSION
 static void finish_tile(const float *restrict total, float *restrict fcount,
                         const int32_t *restrict icount, int weighted, int len, float threshold,
                         float scale, int hard, float *restrict g, float *restrict a_out,
                         float *restrict m_out, double *restrict sums) {
-    float mask_sum = 0.0f, agree_sum = 0.0f, bad = 0.0f;
-    for (int j = 0; j < len; ++j) {
-        float score = weighted ? fabsf(fcount[j]) : (float)abs(icount[j]);
-        float agree = score * scale;
-        int keep = score >= threshold;
-        float m = keep ? 1.0f : (hard ? 0.0f : agree);
-        float s = total[j];
-        bad += (fabsf(s) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
-        mask_sum += m;
-        agree_sum += agree;
-        fcount[j] = agree;
-        if (m_out) {
-            m_out[j] = m;
-            g[j] = s;
-        } else {
-            g[j] = m * s;
+    for (int lo = 0; lo < len; lo += SUM_RUN) {
+        int hi = len - lo < SUM_RUN ? len : lo + SUM_RUN;
+        float mask_sum = 0.0f, agree_sum = 0.0f, bad = 0.0f;
+        for (int j = lo; j < hi; ++j) {
+            float score = weighted ? fabsf(fcount[j]) : (float)abs(icount[j]);
+            float agree = score * scale;
+            int keep = score >= threshold;
+            float m = keep ? 1.0f : (hard ? 0.0f : agree);
+            float s = total[j];
+            bad += (fabsf(s) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
+            mask_sum += m;
+            agree_sum += agree;
+            fcount[j] = agree;
+            if (m_out) {
+                m_out[j] = m;
+                g[j] = s;
+            } else {
+                g[j] = m * s;
+            }
         }
+        sums[0] += mask_sum;
+        sums[1] += agree_sum;
+        sums[2] += bad;
     }
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
-    sums[0] += mask_sum;
-    sums[1] += agree_sum;
-    sums[2] += bad;
+}
+
+/* The SGD step w_j += lr · g_j on one tile. With guard, nothing is written unless every new
+ * w_j is finite (returns 1 then); backup, when given, first receives the old w_j. */
+MULTIVERSION
+static int step_tile(float *restrict w, const float *restrict g, float lr, int len, int guard,
+                     float *restrict backup) {
+    float next[TILE];
+    float bad = 0.0f;
+    for (int j = 0; j < len; ++j) {
+        next[j] = w[j] + lr * g[j];
+        bad += (fabsf(next[j]) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
+    }
+    if (guard && bad > 0.0f) return 1;
+    if (backup) memcpy(backup, w, (size_t)len * sizeof(float));
+    memcpy(w, next, (size_t)len * sizeof(float));
+    return 0;
 }
 
 static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, int64_t start,
@@ -163,17 +189,23 @@ static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, in
 }
 
 /* dtype: 0 = float32, 1 = bfloat16, 2 = float16. rows[k] points at element 0 of client k's update.
- * agree_w is NULL for the unweighted (exact count) agreement. a_out and m_out may be NULL; with
- * m_out, g receives the unmasked mean S and m_out the mask. sums[0..2] are accumulated into:
- * Σ m, Σ A, the number of non-finite S_j. Returns 0, or -1 for an unknown dtype. */
+ * agree_w is NULL for the unweighted (exact count) agreement. g, a_out and m_out may be NULL
+ * (g then lives in a tile buffer only); with m_out, g receives the unmasked mean S and m_out
+ * the mask. With params, the SGD step params_j += lr · g_j is made in the same pass, tile by
+ * tile (see step_tile): with guard, the pass stops at the first tile whose new values are not
+ * all finite, having saved every stepped tile's old values into backup (when not NULL), so the
+ * caller can put them back. sums[0..3] are accumulated into: Σ m, Σ A, the number of
+ * non-finite S_j, and the number of columns stepped. Returns 0, 1 when the guard stopped the
+ * step, or -1 for an unknown dtype. */
 int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
                       int64_t hi, const float *mean_w, const float *agree_w, float threshold,
                       float scale, int hard, float *g, float *a_out, float *m_out,
-                      double *sums) {
-    float total[TILE], fcount[TILE];
+                      float *params, float lr, int guard, float *backup, double *sums) {
+    float total[TILE], fcount[TILE], gtile[TILE];
     int32_t icount[TILE];
     for (int64_t start = lo; start < hi; start += TILE) {
         int len = (int)(hi - start < TILE ? hi - start : TILE);
+        float *gout = g ? g + start : gtile;
         memset(total, 0, sizeof total);
         memset(fcount, 0, sizeof fcount);
         memset(icount, 0, sizeof icount);
@@ -181,7 +213,13 @@ int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, i
                       icount))
             return -1;
         finish_tile(total, fcount, icount, agree_w != NULL, len, threshold, scale, hard,
-                    g + start, a_out ? a_out + start : NULL, m_out ? m_out + start : NULL, sums);
+                    gout, a_out ? a_out + start : NULL, m_out ? m_out + start : NULL, sums);
+        if (params) {
+            if (step_tile(params + start, gout, lr, len, guard,
+                          backup ? backup + start : NULL))
+                return 1;
+            sums[3] += len;
+        }
     }
     return 0;
 }
