@@ -7,7 +7,8 @@ Triton kernel (``backends/triton_kernel.py``), all from ``formula.mask_threshold
 
 Every backend module has the same entry points: ``run(job) -> Outcome`` (aggregate and step),
 ``step(config, params, states, g, mask=None, *, guard) -> bool`` (a step on a known ``g``) and
-``fold(batch, total, count, weighted)`` (the streaming accumulator's sums).
+``fold(batch, total, count, weighted)`` (the streaming accumulator's sums) and
+``nonfinite_rows(batch)``.
 """
 from __future__ import annotations
 
@@ -59,16 +60,16 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return triton_kernel
 
 
-def screen_nonfinite(batch: ClientBatch, policy: NonFinitePolicy, *,
+def screen_nonfinite(impl: ModuleType, batch: ClientBatch, policy: NonFinitePolicy, *,
                      name: Callable[[int], str], untouched: str, hint: str = "") -> list[int]:
     """The non-finite policy, one home for the batch path and the accumulator: the clients of
     ``batch`` to aggregate. "raise" raises ``NonFiniteError`` naming (``name(k)``) every client
-    whose update holds a NaN or an infinity and saying what was left ``untouched``; "drop"
-    returns the others; "unchecked" returns every client without looking."""
+    whose update holds a NaN or an infinity (found by the backend ``impl``) and saying what was
+    left ``untouched``; "drop" returns the others; "unchecked" returns every client unread."""
     everyone = list(range(batch.num_clients))
     if policy == "unchecked":
         return everyone
-    bad = [k for k, row in enumerate(batch.rows) if not bool(torch.isfinite(row).all())]
+    bad = impl.nonfinite_rows(batch)
     if bad and policy == "raise":
         names = ", ".join(name(k) for k in bad)
         raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); {untouched}{hint}")
@@ -87,7 +88,7 @@ def execute(job: Job, *, nonfinite: NonFinitePolicy = "raise", backend: str = "a
         return GMAStats(outcome.sums, job.batch.numel, job.batch.num_clients)
     untouched = "params and optimizer state left unchanged" if job.params is not None \
         else "nothing was computed"
-    keep = screen_nonfinite(job.batch, nonfinite, name=lambda k: f"updates[{k}]",
+    keep = screen_nonfinite(impl, job.batch, nonfinite, name=lambda k: f"updates[{k}]",
                             untouched=untouched,
                             hint=" (nonfinite='drop' aggregates the other clients)")
     if len(keep) == job.batch.num_clients:

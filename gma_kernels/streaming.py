@@ -10,6 +10,7 @@ the identical unweighted mask.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -72,17 +73,17 @@ class Accumulator:
             raise ValueError(f"updates have {batch.numel} elements on {batch.device}; this "
                              f"accumulator holds {self.numel} on {self.buffer.device}")
         seen = self._seen
-        keep = screen_nonfinite(batch, self.nonfinite, name=lambda k: f"update #{seen + k}",
+        impl = resolve_backend(self.backend, self.buffer.device)
+        keep = screen_nonfinite(impl, batch, self.nonfinite, name=lambda k: f"update #{seen + k}",
                                 untouched="accumulator left unchanged")
         self.dropped.extend(seen + k for k in range(batch.num_clients) if k not in keep)
         self._seen += batch.num_clients
         if keep:
-            self._fold(batch if len(keep) == batch.num_clients else batch.subset(keep))
+            self._fold(impl, batch if len(keep) == batch.num_clients else batch.subset(keep))
         return self
 
-    def _fold(self, batch: ClientBatch) -> None:
+    def _fold(self, impl: ModuleType, batch: ClientBatch) -> None:
         """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)`` with the raw weights ``p_k``."""
-        impl = resolve_backend(self.backend, self.buffer.device)
         impl.fold(batch, self.total, self.count, self.weighted_agreement)
         self.buffer[-2:] += torch.tensor([math.fsum(batch.weights), batch.num_clients],
                                          dtype=torch.float32, device=self.buffer.device)

@@ -1,6 +1,18 @@
 """The native CPU backend: ``csrc/gma_cpu.c`` (built at install when a C compiler is at hand)
-computes phase 1 of the torch backend (sums, sign count, threshold, mask, ``g``) in one fused
-pass, split over threads by columns; the step is ``formula.apply_step``, as in the torch backend.
+computes the whole pass of the torch backend in C: sums, sign count, threshold, mask and, in
+the same pass, the server step of every optimizer kind (``formula.step_values`` in float32,
+operation for operation: bit-identical for sgd and momentum, within float32 rounding for the
+adaptive kinds, whose square root PyTorch rounds differently), tile by tile over column ranges.
+
+Threads: the columns are cut into chunks, and the calling thread works through them with the
+pool's threads, taking the next chunk as it finishes one; it never waits for a pool thread
+that has not started (a busy machine may not run it for milliseconds), only for chunks already
+taken. Calls of fewer than ``2 · MIN_COLUMNS_PER_THREAD`` columns run on the calling thread
+alone, as does the non-finite screen of the accumulator (``nonfinite_rows``).
+
+Guard: each tile is stepped only if all its new values (params and state) are finite, after
+its old values went to a scratch backup (up to 3N floats, kept between calls of one size); when
+a tile fails, the stepped tiles are put back, so params and state end as they were.
 
 ``usable()`` is False when the library was not built or could not be loaded, or with
 ``ENABLED`` False (the environment variable ``GMA_KERNELS_NATIVE=0`` at import): the dispatcher
@@ -12,6 +24,7 @@ import ctypes
 import functools
 import importlib.machinery
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,14 +33,25 @@ import torch
 from torch import Tensor
 
 from ..batch import ClientBatch
-from ..formula import apply_step, mask_threshold
+from ..config import StepConfig
+from ..formula import mask_threshold
 from ..job import Job, Outcome
-from .torch_ops import finish, outputs
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KIND_CODES = {"sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
 ENABLED = os.environ.get("GMA_KERNELS_NATIVE", "1") != "0"
-MIN_COLUMNS_PER_THREAD = 1 << 16   # below this one thread: the split costs more than it saves
-_ALIGN = 64                        # thread ranges start on a cache line of float32 outputs
+MIN_COLUMNS_PER_THREAD = 1 << 16   # below twice this one thread: the split costs more than it saves
+CHUNKS_PER_THREAD = 4              # chunks per thread, so a late thread's share is taken by others
+_ALIGN = 8192                      # chunks start on a tile of the C loop
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int)] + [(name, ctypes.c_float) for name in (
+        "lr", "momentum", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps")]
+
+
+class _StepArrays(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("w", "s1", "s2", "bw", "bs1", "bs2")]
 
 
 @functools.cache
@@ -40,13 +64,15 @@ def _library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
             except OSError:
                 return None
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            head = [p, ctypes.c_int, i64, i64, i64, p, p]   # rows, dtype, K, lo, hi, w, a
-            lib.gma_cpu_aggregate.argtypes = head + [ctypes.c_float, ctypes.c_float,
-                                                     ctypes.c_int, p, p, p, p, ctypes.c_float,
-                                                     ctypes.c_int, p, p]
+            p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+            head = [p, c_int, i64, i64, i64, p, p]   # rows, dtype, K, lo, hi, w, a
+            step = [ctypes.POINTER(_Step), ctypes.POINTER(_StepArrays), c_int, p]
+            lib.gma_cpu_aggregate.argtypes = head + [c_float, c_float, c_int, p, p, p, c_int] + step
+            lib.gma_cpu_step.argtypes = head + [p, p] + step
             lib.gma_cpu_fold.argtypes = head + [p, p]
-            lib.gma_cpu_aggregate.restype = lib.gma_cpu_fold.restype = ctypes.c_int
+            lib.gma_cpu_nonfinite.argtypes = head + [p]
+            for fn in ("gma_cpu_aggregate", "gma_cpu_step", "gma_cpu_fold", "gma_cpu_nonfinite"):
+                getattr(lib, fn).restype = c_int
             return lib
     return None
 
@@ -58,9 +84,6 @@ def available() -> bool:
 def usable() -> bool:
     """Built, loaded and not switched off (it reads float32, bfloat16 and float16 rows)."""
     return ENABLED and available()
-
-
-step = apply_step
 
 
 @functools.cache
@@ -76,31 +99,61 @@ def _row_pointers(batch: ClientBatch) -> np.ndarray:
     return np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
 
 
-def _over_columns(fn, batch: ClientBatch, weights: tuple[float, ...],
-                  agree_weights: tuple[float, ...] | None, *rest, sums: int = 0
-                  ) -> tuple[list[int], list[int], np.ndarray]:
-    """Call ``fn(rows, dtype, K, lo, hi, w, a, *rest)`` on contiguous column ranges, one per
-    thread. With ``sums > 0`` each thread also gets a zeroed float64 array of that many sums
-    to add into. Returns (the range bounds, each thread's return code, ``[threads, sums]``)."""
-    n = batch.numel
-    pointers = _row_pointers(batch)
+def _chunks(n: int, parallel: bool) -> list[int]:
+    """Chunk bounds over ``n`` columns: one chunk unless ``parallel`` and ``n`` is large."""
+    threads = min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD) if parallel else 1
+    if threads <= 1:
+        return [0, n]
+    count = threads * CHUNKS_PER_THREAD
+    bounds = sorted({min(n, (n * i // count) // _ALIGN * _ALIGN) for i in range(count)})
+    return bounds + [n]
+
+
+def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[float, ...],
+                  agree_weights: tuple[float, ...] | None, *rest, sums: int = 0,
+                  parallel: bool = True) -> tuple[list[int], list[int], np.ndarray]:
+    """Call ``fn(rows, dtype, K, lo, hi, w, a, *rest, chunk_sums)`` on every chunk of the
+    ``numel`` columns: the calling thread and the pool's threads each take the next chunk
+    until none is left (see the module docstring). Each chunk gets a zeroed float64 array of
+    ``sums`` sums to add into. Returns (the chunk bounds, each chunk's return code,
+    ``[chunks, sums]``); a negative code raises."""
+    bounds = _chunks(numel, parallel)
+    chunks = len(bounds) - 1
+    if batch is not None:
+        pointers = _row_pointers(batch)
+        head = (pointers.ctypes.data, DTYPE_CODES[batch.dtype], batch.num_clients)
+    else:
+        head = (None, 0, 0)
     w = np.array(weights, dtype=np.float32)
     a = None if agree_weights is None else np.array(agree_weights, dtype=np.float32)
-    threads = max(1, min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD))
-    bounds = [min(n, (n * i // threads + _ALIGN - 1) // _ALIGN * _ALIGN) for i in range(threads)]
-    bounds.append(n)
-    head = (pointers.ctypes.data, DTYPE_CODES[batch.dtype], batch.num_clients)
-    tail = (w.ctypes.data, None if a is None else a.ctypes.data)
-    partial = np.zeros((threads, sums), dtype=np.float64)
-
-    def work(i: int) -> int:
-        own = (partial[i].ctypes.data,) if sums else ()
-        return fn(*head, bounds[i], bounds[i + 1], *tail, *rest, *own)
-
-    if threads == 1:
-        codes = [work(0)]
+    tail = (w.ctypes.data if len(w) else None, None if a is None else a.ctypes.data)
+    partial = np.zeros((chunks, max(sums, 1)), dtype=np.float64)
+    codes = [0] * chunks
+    if chunks == 1:
+        codes[0] = fn(*head, 0, numel, *tail, *rest, partial[0].ctypes.data)
     else:
-        codes = list(_pool(threads, os.getpid()).map(work, range(threads)))
+        taken = iter(range(chunks))
+        lock = threading.Lock()
+        done = threading.Semaphore(0)
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                try:
+                    codes[i] = fn(*head, bounds[i], bounds[i + 1], *tail, *rest,
+                                  partial[i].ctypes.data)
+                finally:
+                    done.release()
+
+        pool = _pool(torch.get_num_threads() - 1, os.getpid())
+        for _ in range(torch.get_num_threads() - 1):
+            pool.submit(drain)
+        drain()
+        for _ in range(chunks):
+            done.acquire()
     if any(c < 0 for c in codes):
         raise RuntimeError(f"native CPU kernel failed (codes {codes})")
     return bounds, codes, partial
@@ -111,58 +164,74 @@ def _address(t: Tensor | None) -> int | None:
 
 
 def run(job: Job) -> Outcome:
-    """Aggregate in the C kernel (``_aggregate``: sums, count, mask), then step; an SGD step
-    is made in the same pass (``_aggregate_and_sgd``)."""
-    if job.step is not None and job.step.kind == "sgd":
-        return _aggregate_and_sgd(job)
-    g, mask_out = outputs(job)
-    return finish(job, g, mask_out, *_aggregate(job, g, mask_out))
-
-
-def _aggregate(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tensor]:
-    """Phase 1 in the fused C kernel: (every ``S_j`` finite, ``[[Σ m, Σ A]]``)."""
-    batch = job.batch
+    """The whole pass in C: aggregate and, with ``job.step``, step params and state."""
+    batch, step = job.batch, job.step
     threshold, scale = mask_threshold(job.mask, batch.num_clients)
     agree_w = batch.mean_weights if job.mask.weighted_agreement else None
-    mask_sum, agreement_sum, bad = aggregate(
-        batch, agree_w, threshold, scale, job.mask.mask == "hard", g, job.a_out, mask_out)
-    return bad == 0, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
-
-
-def _aggregate_and_sgd(job: Job) -> Outcome:
-    """One pass: the aggregate and ``w += η g`` tile by tile, ``g`` never written unless
-    ``job.g_out`` asks for it. Guarded, each tile is stepped only if its new values are all
-    finite, after its old values went to a scratch backup; when a tile fails, the stepped
-    tiles are put back from it, so ``params`` ends as it was."""
-    batch = job.batch
-    threshold, scale = mask_threshold(job.mask, batch.num_clients)
-    agree_w = batch.mean_weights if job.mask.weighted_agreement else None
-    backup = _scratch(batch.numel) if job.guard else None
+    g = job.g_out  # None: g lives in the C loop's tile buffer only
+    split = step is not None and step.masks_step
+    args, arrays, targets, backups = _step_args(step, job.params, job.states, job.guard)
     bounds, codes, partial = _over_columns(
-        _library().gma_cpu_aggregate, batch, batch.mean_weights, agree_w, float(threshold),
-        float(scale), int(job.mask.mask == "hard"), _address(job.g_out), _address(job.a_out),
-        None, job.params.data_ptr(), float(job.step.lr), int(job.guard), _address(backup),
-        sums=4)
+        _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_w,
+        float(threshold), float(scale), int(job.mask.mask == "hard"), _address(g),
+        _address(job.a_out), None, int(split), args, arrays, int(job.guard), sums=4)
     mask_sum, agreement_sum, bad, _ = partial.sum(0)
     sums = torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
     if not job.guard or (bad == 0 and not any(codes)):
         return Outcome(True, sums)
-    for lo, stepped in zip(bounds, partial[:, 3].astype(np.int64).tolist()):
-        job.params[lo:lo + stepped].copy_(backup[lo:lo + stepped])
+    _put_back(bounds, partial[:, 3], targets, backups)
     return Outcome(False, sums)
 
 
-_scratch_buffers: dict[int, Tensor] = {}
+def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+         mask: Tensor | None = None, *, guard: bool = False) -> bool:
+    """A server step on a known ``g = x`` (``mask`` multiplies the direction) in C; returns
+    whether it stepped (with ``guard``, nothing is written unless every new value is finite)."""
+    args, arrays, targets, backups = _step_args(config, params, states, guard)
+    bounds, codes, partial = _over_columns(
+        _library().gma_cpu_step, None, params.numel(), (), None, x.data_ptr(), _address(mask),
+        args, arrays, int(guard), sums=1)
+    if not any(codes):
+        return True
+    _put_back(bounds, partial[:, 0], targets, backups)
+    return False
 
 
-def _scratch(numel: int) -> Tensor:
-    """A float32 buffer of ``numel`` elements kept for the next call of the same size (only
-    the latest size is kept): a new one would cost a page fault per 4 KiB on every call."""
-    buf = _scratch_buffers.get(numel)
-    if buf is None:
+def _step_args(config: StepConfig | None, params: Tensor | None, states: tuple[Tensor, ...],
+               guard: bool) -> tuple:
+    """(the C step settings or None, its arrays, the stepped tensors, their backups)."""
+    if config is None:
+        return None, None, (), ()
+    targets = (params, *states)
+    backups = _scratch(params.numel(), len(targets)) if guard else ()
+    pointers = [t.data_ptr() for t in targets] + [None] * (3 - len(targets))
+    pointers += [b.data_ptr() for b in backups] + [None] * (3 - len(backups))
+    args = _Step(KIND_CODES[config.kind], config.lr, config.momentum, config.beta1,
+                 1.0 - config.beta1, config.beta2, 1.0 - config.beta2, config.eps)
+    return ctypes.byref(args), ctypes.byref(_StepArrays(*pointers)), targets, backups
+
+
+def _put_back(bounds: list[int], stepped: np.ndarray, targets: tuple[Tensor, ...],
+              backups: tuple[Tensor, ...]) -> None:
+    """Restore the columns each chunk stepped before the guard stopped it."""
+    for lo, count in zip(bounds, stepped.astype(np.int64).tolist()):
+        for target, backup in zip(targets, backups):
+            target[lo:lo + count].copy_(backup[lo:lo + count])
+
+
+_scratch_buffers: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+
+
+def _scratch(numel: int, count: int) -> tuple[Tensor, ...]:
+    """``count`` float32 backups of ``numel`` elements, kept for the next call of the same
+    shape (only the latest is kept): new ones would cost a page fault per 4 KiB every call."""
+    key = (numel, count)
+    bufs = _scratch_buffers.get(key)
+    if bufs is None:
         _scratch_buffers.clear()
-        buf = _scratch_buffers[numel] = torch.empty(numel, dtype=torch.float32)
-    return buf
+        bufs = _scratch_buffers[key] = tuple(torch.empty(numel, dtype=torch.float32)
+                                             for _ in range(count))
+    return bufs
 
 
 def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, threshold: float,
@@ -171,14 +240,21 @@ def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, thres
     """Fill ``g`` (and ``a_out``, ``m_out``) for every column; return ``[Σ m, Σ A, #non-finite
     S_j]`` (float64). ``agree_weights`` None: the unweighted, exact sign count."""
     _, _, partial = _over_columns(
-        _library().gma_cpu_aggregate, batch, batch.mean_weights, agree_weights,
+        _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_weights,
         float(threshold), float(scale), int(hard), g.data_ptr(), _address(a_out),
-        _address(m_out), None, 0.0, 0, None, sums=4)
+        _address(m_out), int(m_out is not None), None, None, 0, sums=4)
     return partial.sum(0)[:3]
+
+
+def nonfinite_rows(batch: ClientBatch) -> list[int]:
+    """The clients whose update holds a NaN or an infinity, read on the calling thread."""
+    _, _, partial = _over_columns(_library().gma_cpu_nonfinite, batch, batch.numel, (), None,
+                                  sums=batch.num_clients, parallel=False)
+    return np.flatnonzero(partial.sum(0)).tolist()
 
 
 def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:
     """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
     weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1)."""
-    _over_columns(_library().gma_cpu_fold, batch, batch.weights,
+    _over_columns(_library().gma_cpu_fold, batch, batch.numel, batch.weights,
                   batch.weights if weighted else None, total.data_ptr(), count.data_ptr())

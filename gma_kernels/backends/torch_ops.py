@@ -7,10 +7,10 @@ count, and every ``MASK_BLOCK`` coordinates the mask (``formula.mask_from_count`
 while the block is still in cache. Nothing K×N is ever allocated; the only full-size temporary
 is ``g``. Phase 2, the server step (``formula.apply_step``), runs only once the whole aggregate
 is known to be finite, so a guarded job never touches ``params`` or the optimizer state on bad
-input. ``outputs`` and ``finish`` are shared with the native backend, whose phase 1 is its C loop.
+input.
 
 Entry points, as every backend has them: ``run(job)`` (aggregate and step), ``step`` (a step on
-a known ``g``) and ``fold`` (the streaming accumulator's sums).
+a known ``g``), ``fold`` (the streaming accumulator's sums) and ``nonfinite_rows``.
 """
 from __future__ import annotations
 
@@ -120,6 +120,11 @@ def _aggregate(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tens
             mean.mul_(m)
     finite = not job.guard or bool(torch.isfinite(check)) or bool(torch.isfinite(g).all())
     return finite, torch.stack((mask_sum, agreement_sum))[None]
+
+
+def nonfinite_rows(batch: ClientBatch) -> list[int]:
+    """The clients whose update holds a NaN or an infinity."""
+    return [k for k, row in enumerate(batch.rows) if not bool(torch.isfinite(row).all())]
 
 
 def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:

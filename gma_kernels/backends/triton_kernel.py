@@ -14,7 +14,8 @@ can restore them. Per-program partial sums of ``m`` and ``A`` give the mask stat
 
 Entry points, as every backend has them: ``run(job)`` (aggregate and step in the one launch),
 ``step`` (a step on a known ``g``: the same kernel reading ``g`` as its only row, every
-coordinate kept; ``formula.apply_step`` when a mask multiplies the step) and ``fold``.
+coordinate kept; ``formula.apply_step`` when a mask multiplies the step), ``fold`` and
+``nonfinite_rows`` (the torch backend's, on the GPU).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..batch import ClientBatch
 from ..config import MaskConfig, StepConfig
 from ..formula import apply_step, mask_threshold
 from ..job import Job, Outcome
+from .torch_ops import nonfinite_rows  # noqa: F401 - the same check, on the GPU
 
 OPTIMIZER_CODES = {None: 0, "sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
 

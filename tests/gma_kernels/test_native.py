@@ -225,3 +225,33 @@ def test_fused_sgd_step_is_undone_when_a_late_tile_fails(where, poison, many_thr
         keep = [0, 1, 3, 4]
         expected = ref.masked_mean(updates[keep].double(), None, tau=0.4, mask="soft")
         assert_close(params - before, 2.0 * expected, scale=2.0)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "yogi", "adagrad"])
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_native_step_equals_torch_ops_bit_for_bit(kind, placement, many_threads, monkeypatch):
+    """The C step is formula.step_values in float32, operation for operation: steps of sgd and
+    momentum leave params and state bit-identical to the PyTorch-ops path's; the adaptive kinds
+    agree to float32 rounding (PyTorch's vectorized CPU sqrt is not always correctly rounded,
+    C's sqrtf is)."""
+    k, n = 7, 3 * 9001 + 5
+    gen = torch.Generator().manual_seed(len(kind) * 7 + len(placement))
+    rounds = [torch.randn(k, n, generator=gen) * 0.01 for _ in range(3)]
+    start = torch.randn(n, generator=gen)
+    results = {}
+    for path in ("native", "chunks"):
+        monkeypatch.setattr(_native, "ENABLED", path == "native")
+        params = start.clone()
+        opt = gk.ServerOptimizer(params, kind, lr=0.3, tau=0.4, mask_placement=placement,
+                                 backend="torch")
+        for updates in rounds:
+            opt.step(updates)
+        acc = gk.Accumulator(n, backend="torch").add(rounds[0])
+        opt.step_accumulated(acc)
+        results[path] = (params, *opt.states)
+    for native, chunks in zip(*results.values()):
+        if kind in ("sgd", "momentum"):
+            assert torch.equal(native, chunks)
+        else:
+            torch.testing.assert_close(native, chunks, rtol=1e-5, atol=1e-7)

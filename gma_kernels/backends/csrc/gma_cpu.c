@@ -8,7 +8,7 @@
  *     m_j = keep_j ? 1 : (hard ? 0 : A_j)
  * and writes g_j = m_j · S_j (or S_j and m_j apart when the mask is applied after the server
  * step), optionally A_j, and the sums of m, of A and the count of non-finite S_j; or, with
- * params, makes the SGD step params_j += lr · g_j in the same pass (gma_cpu_aggregate).
+ * params, makes the server step (SGD, momentum, Adam, Yogi, Adagrad) in the same pass.
  *
  * Rows are float32, bfloat16 or float16 (converted exactly to float32 on load), each a pointer of
  * its own, so a list of tensors is read where it lies. Plain C, no Python headers: the package
@@ -153,23 +153,6 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
 }
 
-/* The SGD step w_j += lr · g_j on one tile. With guard, nothing is written unless every new
- * w_j is finite (returns 1 then); backup, when given, first receives the old w_j. */
-MULTIVERSION
-static int step_tile(float *restrict w, const float *restrict g, float lr, int len, int guard,
-                     float *restrict backup) {
-    float next[TILE];
-    float bad = 0.0f;
-    for (int j = 0; j < len; ++j) {
-        next[j] = w[j] + lr * g[j];
-        bad += (fabsf(next[j]) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
-    }
-    if (guard && bad > 0.0f) return 1;
-    if (backup) memcpy(backup, w, (size_t)len * sizeof(float));
-    memcpy(w, next, (size_t)len * sizeof(float));
-    return 0;
-}
-
 static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, int64_t start,
                      int len, const float *w, const float *a, float *total, float *fcount,
                      int32_t *icount) {
@@ -188,38 +171,164 @@ static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, in
     return 0;
 }
 
+/* The server step (kind: 1 sgd, 2 momentum, 3 adam, 4 yogi, 5 adagrad), with the float32
+ * constants of formula.step_values, in its order of operations:
+ *   sgd       d = x
+ *   momentum  v = v·momentum + x,  d = v
+ *   adaptive  m = m·β1 + x·(1 − β1);  v = v·β2 + x²·(1 − β2)  |  v − (1 − β2)·x²·sign(v − x²)
+ *             |  v + x²;  d = m / (√v + ε)
+ * then d·mask when a mask is given, and w += lr·d. */
+typedef struct {
+    int kind;
+    float lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+} Step;
+
+static inline int finite_f(float x) { return fabsf(x) <= 3.4028234663852886e38f; }
+
+/* One tile of the step on x (and mask, may be NULL). The new w and states are computed first;
+ * with guard nothing is written unless all are finite (returns 1 then). When backup is given,
+ * the old w, s1, s2 first go to backup[0], backup[1], backup[2] (the tile's offset applied). */
+MULTIVERSION
+static int step_tile(const Step *st, int len, const float *restrict x, const float *restrict mask,
+                     float *restrict w, float *restrict s1, float *restrict s2, int guard,
+                     float *const *backup, float *restrict nw, float *restrict n1,
+                     float *restrict n2) {
+    float bad = 0.0f;
+    const int kind = st->kind;
+    for (int j = 0; j < len; ++j) {
+        float d;
+        if (kind == 1) {
+            d = x[j];
+        } else if (kind == 2) {
+            n1[j] = s1[j] * st->momentum + x[j];
+            d = n1[j];
+            bad += finite_f(n1[j]) ? 0.0f : 1.0f;
+        } else {
+            float sq = x[j] * x[j];
+            float first = s1[j] * st->beta1 + x[j] * st->one_minus_beta1;
+            float second = s2[j];
+            if (kind == 3)
+                second = second * st->beta2 + sq * st->one_minus_beta2;
+            else if (kind == 4)
+                second = second - (st->one_minus_beta2 * sq) * sign_float(second - sq);
+            else
+                second = second + sq;
+            n1[j] = first;
+            n2[j] = second;
+            d = first / (sqrtf(second) + st->eps);
+            bad += (finite_f(first) ? 0.0f : 1.0f) + (finite_f(second) ? 0.0f : 1.0f);
+        }
+        if (mask) d = d * mask[j];
+        nw[j] = w[j] + st->lr * d;
+        bad += finite_f(nw[j]) ? 0.0f : 1.0f;
+    }
+    if (guard && bad > 0.0f) return 1;
+    size_t bytes = (size_t)len * sizeof(float);
+    if (backup) {
+        memcpy(backup[0], w, bytes);
+        if (kind >= 2) memcpy(backup[1], s1, bytes);
+        if (kind >= 3) memcpy(backup[2], s2, bytes);
+    }
+    memcpy(w, nw, bytes);
+    if (kind >= 2) memcpy(s1, n1, bytes);
+    if (kind >= 3) memcpy(s2, n2, bytes);
+    return 0;
+}
+
+/* The step's arrays: params, its two states and their three backups (NULL where unused). */
+typedef struct {
+    float *w, *s1, *s2, *bw, *bs1, *bs2;
+} StepArrays;
+
+/* Tile buffers, on the heap (a thread's stack may be small): 7 arrays of TILE floats. */
+enum { TOTAL, FCOUNT, ICOUNT, GTILE, MTILE, NEW_W, NEW_S1, NEW_S2, BUFFERS };
+
+static int step_range(const Step *st, const StepArrays *arr, int64_t start, int len,
+                      const float *x, const float *mask, int guard, float *work) {
+    float *backup[3] = {arr->bw ? arr->bw + start : NULL, arr->bs1 ? arr->bs1 + start : NULL,
+                        arr->bs2 ? arr->bs2 + start : NULL};
+    return step_tile(st, len, x, mask, arr->w + start, arr->s1 ? arr->s1 + start : NULL,
+                     arr->s2 ? arr->s2 + start : NULL, guard, arr->bw ? backup : NULL,
+                     work + NEW_W * TILE, work + NEW_S1 * TILE, work + NEW_S2 * TILE);
+}
+
 /* dtype: 0 = float32, 1 = bfloat16, 2 = float16. rows[k] points at element 0 of client k's update.
  * agree_w is NULL for the unweighted (exact count) agreement. g, a_out and m_out may be NULL
- * (g then lives in a tile buffer only); with m_out, g receives the unmasked mean S and m_out
- * the mask. With params, the SGD step params_j += lr · g_j is made in the same pass, tile by
- * tile (see step_tile): with guard, the pass stops at the first tile whose new values are not
- * all finite, having saved every stepped tile's old values into backup (when not NULL), so the
- * caller can put them back. sums[0..3] are accumulated into: Σ m, Σ A, the number of
- * non-finite S_j, and the number of columns stepped. Returns 0, 1 when the guard stopped the
- * step, or -1 for an unknown dtype. */
+ * (g then lives in a tile buffer only). With split (or m_out) g receives the unmasked mean S and
+ * m_out the mask, which multiplies the step's direction. With st (NULL: no step), the server step is
+ * made in the same pass, tile by tile (step_tile): with guard, the pass stops at the first tile
+ * whose new values are not all finite, having saved every stepped tile's old values into the
+ * backups, so the caller can put them back. sums[0..3] are accumulated into: Σ m, Σ A, the
+ * number of non-finite S_j, and the number of columns stepped. Returns 0, 1 when the guard
+ * stopped the step, -1 for an unknown dtype, -2 out of memory. */
 int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
                       int64_t hi, const float *mean_w, const float *agree_w, float threshold,
-                      float scale, int hard, float *g, float *a_out, float *m_out,
-                      float *params, float lr, int guard, float *backup, double *sums) {
-    float total[TILE], fcount[TILE], gtile[TILE];
-    int32_t icount[TILE];
-    for (int64_t start = lo; start < hi; start += TILE) {
+                      float scale, int hard, float *g, float *a_out, float *m_out, int split,
+                      const Step *st, const StepArrays *arr, int guard, double *sums) {
+    float *work = malloc(sizeof(float) * TILE * BUFFERS);
+    if (!work) return -2;
+    float *total = work + TOTAL * TILE, *fcount = work + FCOUNT * TILE;
+    int32_t *icount = (int32_t *)(work + ICOUNT * TILE);
+    int code = 0;
+    for (int64_t start = lo; start < hi && code == 0; start += TILE) {
         int len = (int)(hi - start < TILE ? hi - start : TILE);
-        float *gout = g ? g + start : gtile;
-        memset(total, 0, sizeof total);
-        memset(fcount, 0, sizeof fcount);
-        memset(icount, 0, sizeof icount);
+        float *gout = g ? g + start : work + GTILE * TILE;
+        float *mout = m_out ? m_out + start : (split ? work + MTILE * TILE : NULL);
+        memset(total, 0, sizeof(float) * TILE);
+        memset(fcount, 0, sizeof(float) * TILE);
+        memset(icount, 0, sizeof(int32_t) * TILE);
         if (fold_tile(rows, dtype, num_clients, start, len, mean_w, agree_w, total, fcount,
-                      icount))
-            return -1;
-        finish_tile(total, fcount, icount, agree_w != NULL, len, threshold, scale, hard,
-                    gout, a_out ? a_out + start : NULL, m_out ? m_out + start : NULL, sums);
-        if (params) {
-            if (step_tile(params + start, gout, lr, len, guard,
-                          backup ? backup + start : NULL))
-                return 1;
-            sums[3] += len;
+                      icount)) {
+            code = -1;
+            break;
         }
+        finish_tile(total, fcount, icount, agree_w != NULL, len, threshold, scale, hard,
+                    gout, a_out ? a_out + start : NULL, mout, sums);
+        if (st) {
+            code = step_range(st, arr, start, len, gout, mout, guard, work);
+            if (code == 0) sums[3] += len;
+        }
+    }
+    free(work);
+    return code;
+}
+
+/* The server step alone on a known x (and mask, may be NULL) over the columns [lo, hi), as in
+ * gma_cpu_aggregate; sums[0] counts the columns stepped. The head (rows, dtype, K, w, a) is
+ * unused: it keeps the signature of the other entry points. Returns 0, or 1 when the guard
+ * stopped the step. */
+int gma_cpu_step(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
+                 int64_t hi, const float *unused_w, const float *unused_a, const float *x,
+                 const float *mask, const Step *st, const StepArrays *arr, int guard,
+                 double *sums) {
+    (void)rows; (void)dtype; (void)num_clients; (void)unused_w; (void)unused_a;
+    float *work = malloc(sizeof(float) * TILE * BUFFERS);
+    if (!work) return -2;
+    int code = 0;
+    for (int64_t start = lo; start < hi && code == 0; start += TILE) {
+        int len = (int)(hi - start < TILE ? hi - start : TILE);
+        code = step_range(st, arr, start, len, x + start, mask ? mask + start : NULL, guard,
+                          work);
+        if (code == 0) sums[0] += len;
+    }
+    free(work);
+    return code;
+}
+
+/* The number of non-finite values of each client's row over the columns [lo, hi), added into
+ * counts[0..K-1] (float64). The weights are unused (the signature of the other entry points). */
+int gma_cpu_nonfinite(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
+                      int64_t hi, const float *unused_w, const float *unused_a, double *counts) {
+    (void)unused_w; (void)unused_a;
+    for (int64_t k = 0; k < num_clients; ++k) {
+        float bad = 0.0f;
+        const void *row = rows[k];
+        for (int64_t j = lo; j < hi; ++j) {
+            float x = dtype == 0 ? load_f32(row, j) : dtype == 1 ? load_bf16(row, j)
+                                                                 : load_f16(row, j);
+            bad += finite_f(x) ? 0.0f : 1.0f;
+        }
+        counts[k] += bad;
     }
     return 0;
 }
