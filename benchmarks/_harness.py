@@ -246,7 +246,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, rounds: int 
 
 # ----------------------------------------------------------------------------- cases
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def traffic_bytes(k: int, n: int, dtype: torch.dtype) -> int:

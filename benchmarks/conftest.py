@@ -39,7 +39,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-n", default="",
                     help="comma-separated log2(N) values (default: 16,18,20,22; "
                          "CUDA adds 24,26)")
-    group.addoption("--bench-dtype", default="fp32,bf16", help="fp32, bf16 or both")
+    group.addoption("--bench-dtype", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     group.addoption("--bench-contenders", default="",
                     help="comma-separated substrings; a contender runs if its name holds one")
     group.addoption("--bench-compile", default="auto", choices=("auto", "few", "all", "none"),
@@ -97,7 +97,7 @@ def pytest_generate_tests(metafunc):
     dtypes = [d.strip() for d in config.getoption("--bench-dtype").split(",") if d.strip()]
     for d in dtypes:
         if d not in _harness.DTYPES:
-            raise pytest.UsageError(f"--bench-dtype: unknown dtype {d!r} (fp32, bf16)")
+            raise pytest.UsageError(f"--bench-dtype: unknown dtype {d!r} (fp32, bf16, fp16)")
     compile_choice = config.getoption("--bench-compile")
     cpu_cap = int(config.getoption("--bench-max-gib") * (1 << 30))
     params, ids = [], []

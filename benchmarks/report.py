@@ -104,10 +104,12 @@ def group_table(key: tuple, rows: list[dict]) -> list[str]:
     first = rows[0]
     lines = [f"### {device} {dtype} K={k} N={_p2(n)}", "",
              f"{first.get('device_name', device)}; minimum traffic {first['bytes'] / 1e6:.1f} MB; "
-             f"copy bandwidth {first.get('copy_gbps', float('nan')):.1f} GB/s"
+             f"copy bandwidth {first.get('copy_gbps', float('nan')):.1f} GB/s; read floor "
+             f"(``updates.sum()``, timed beside each contender) {_ms(first.get('read_floor_s'))} ms"
              + (f" (back to back {first['copy_b2b_gbps']:.1f} GB/s)"
                 if first.get("copy_b2b_gbps") else ""), ""]
-    head = ["contender", "median ms", "GB/s", "% copy BW", "peak extra MiB", "extra / (N·4)",
+    head = ["contender", "median ms", "× read floor", "GB/s", "% copy BW", "peak extra MiB",
+            "extra / (N·4)",
             "first call ms", "rel. L2 err", "other CPU %"]
     b2b = any(r.get("b2b_s") for r in rows)
     if b2b:
@@ -124,6 +126,7 @@ def group_table(key: tuple, rows: list[dict]) -> list[str]:
         err = row.get("correctness", {}).get("rel_l2_err")
         cells = [f"`{row['contender']}`" + (" (host)" if row.get("host_side") else ""),
                  _ms(median) + flag,
+                 f"{row['vs_read_floor']:.2f}" if row.get("vs_read_floor") else "-",
                  f"{row['gbps']:.2f}" if row.get("gbps") is not None else "-",
                  f"{100 * row['frac_copy_bw']:.1f}" if row.get("frac_copy_bw") is not None else "-",
                  _mib(row.get("peak_extra_bytes")),

@@ -10,6 +10,7 @@ import functools
 import importlib
 import importlib.util
 import operator
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -290,6 +291,9 @@ def test_aggregation(benchmark, case_key, contender_name, copy_bw, session_first
         benchmark.pedantic(target, rounds=rounds, warmup_rounds=1 if estimate < 0.5 else 0,
                            iterations=1)
 
+    # the read-only pass over the same updates, timed right after: the honest roofline of a
+    # read-dominated kernel (a copy's bandwidth counts a write too)
+    floor = statistics.median(_harness.timed_call(case.updates.sum, dev) for _ in range(7))
     bw = copy_bw(dev)
     traffic = _harness.traffic_bytes(k, n, case.dtype)
     info = benchmark.extra_info
@@ -303,6 +307,7 @@ def test_aggregation(benchmark, case_key, contender_name, copy_bw, session_first
                 host_side=contender.host_side, **bw, **load.result, **machine)
     stats = getattr(benchmark.stats, "stats", None) if benchmark.stats else None
     if stats is not None:
+        info.update(read_floor_s=floor, vs_read_floor=stats.median / floor)
         info.update(median_s=stats.median, min_s=stats.min, mean_s=stats.mean,
                     stddev_s=stats.stddev, iqr_s=stats.iqr,
                     gbps=traffic / stats.median / 1e9,
