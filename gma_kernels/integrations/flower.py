@@ -1,47 +1,16 @@
-"""Flower strategies with gradient masked averaging (GMA), for Flower's Message API.
+"""Flower strategies with gradient masked averaging (GMA), for Flower's Message API:
+``GMAFedAvg``, ``GMAFedAvgM``, ``GMAFedAdam``, ``GMAFedYogi`` and ``GMAFedAdagrad``, each its
+Flower parent's step (``FedAvg``, ``FedAvgM``, ...) taken on the masked pseudo-gradient ``g``.
 
-=================  ===================  =============================================
-strategy           Flower parent        server step on the masked pseudo-gradient ``g``
-=================  ===================  =============================================
-``GMAFedAvg``      ``FedAvg``           ``w + server_learning_rate · g``
-``GMAFedAvgM``     ``FedAvgM``          momentum (``server_momentum``)
-``GMAFedAdam``     ``FedAdam``          Adam with Flower's ``eta``, ``beta_1``, ``beta_2``,
-                                        ``tau`` (its ε) and its per-round bias correction
-``GMAFedYogi``     ``FedYogi``          Yogi, same hyperparameters
-``GMAFedAdagrad``  ``FedAdagrad``       Adagrad, same hyperparameters
-=================  ===================  =============================================
-
-Each takes every constructor option of its parent (passed through as they are) plus the GMA
-options, keyword-only:
-
-* ``gma_tau`` (default 0.4): the agreement threshold τ ∈ [0, 1]. It is not called ``tau``
-  because ``FedAdam``/``FedYogi``/``FedAdagrad`` already use ``tau`` for their ε (their
-  ``tau`` keeps that meaning here). ``gma_tau=0`` reproduces the parent's result.
-* ``mask`` (``"soft"``/``"hard"``), ``mask_placement`` (``"before"``: the optimizer sees the
-  masked average; ``"after"``: it sees the plain average and the mask multiplies its step),
-  ``weighted_agreement``, ``rescale``: as in ``gma_kernels.ServerOptimizer``.
-* ``nonfinite`` (default ``"drop"``): a reply whose update holds NaN or inf is left out of the
-  arrays and the metrics, with a warning naming its node (``"raise"`` stops the run with an
-  ``AggregationError`` instead; ``"unchecked"`` skips the check).
-* ``streaming`` (default False): fold the replies into a ``gma_kernels.Accumulator`` one at a
-  time (O(N) memory on the device whatever the number of replies) instead of one fused pass
-  over all of them.
-* ``device`` (default: CUDA when available, else the CPU) and ``backend`` (``"auto"``).
-
-``aggregate_train`` validates the replies and drops error replies exactly as ``FedAvg`` does
-(it calls ``FedAvg``'s own check), weights each reply by ``weighted_by_key`` (default
-``"num-examples"``), reads every reply's arrays straight from their serialized bytes into one
-float32 update ``Δ_k = w_k − w`` per client, where ``w`` is the global model this strategy sent
-in ``configure_train``, runs one GMA server step, and returns an ``ArrayRecord`` with the global
-model's keys, shapes and dtypes. Floating-point arrays are aggregated in float32; integer and
-boolean arrays get the rounded weighted mean (not masked). Metrics are aggregated with the
-parent's ``train_metrics_aggr_fn``. The optimizer state lives in ``strategy.server_optimizer``
-(a ``gma_kernels.ServerOptimizer``; ``state_dict()`` saves it) and the last round's mask
-statistics in ``strategy.last_stats``. The arrays' layout and the integer mean are
-``gma_kernels.integrations.codec``'s, shared with ``gma_kernels.integrations.arrays``.
-
-Calling ``aggregate_train`` without a ``Strategy.start`` loop: set the global model first with
-``strategy.set_global_arrays(arrays)`` (``configure_train`` does it).
+Each takes its parent's options as they are, plus, keyword-only: ``gma_tau`` (τ; not ``tau``,
+which Flower's adaptive strategies use for their ε), ``mask``, ``mask_placement``,
+``weighted_agreement``, ``rescale`` (as in ``ServerOptimizer``), ``nonfinite`` (default
+``"drop"``: a reply holding NaN or inf is left out, with a warning naming its node),
+``streaming``, ``device`` and ``backend``. ``aggregate_train`` reads every reply's arrays from
+their bytes into one float32 update ``Δ_k = w_k − w`` per client (layout and the integer
+arrays' rounded mean: ``codec``), runs one GMA server step and returns the global model's
+arrays. The optimizer state is ``strategy.server_optimizer``, the last round's statistics
+``strategy.last_stats``. Every option, with examples: ``docs/flower.md``.
 """
 from __future__ import annotations
 

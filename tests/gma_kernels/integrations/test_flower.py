@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("flwr")
-try:
-    from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageType,
-                          Metadata, MetricRecord, RecordDict)
-    from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
-    from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
-except ImportError as err:  # Flower older than its Message API strategies (1.22)
-    pytest.skip(f"Flower's Message API strategies are missing: {err}", allow_module_level=True)
+# flwr is part of the test install (the dev extra): these tests run on every push
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata,
+                      MetricRecord, RecordDict)
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 import gma_kernels as gk
 from gma_kernels.integrations.flower import (GMAFedAdagrad, GMAFedAdam, GMAFedAvg, GMAFedAvgM,
