@@ -72,7 +72,7 @@ def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
                 param_ptr, state1, state2, g_out, a_out, backup, partials, flag,
                 lr, momentum, beta1, beta2, eps,
                 WEIGHTED: tl.constexpr, HARD: tl.constexpr,
-                OPT: tl.constexpr, AFTER: tl.constexpr, GUARD: tl.constexpr,
+                OPT: tl.constexpr, MASKS_STEP: tl.constexpr, GUARD: tl.constexpr,
                 WRITE_G: tl.constexpr, WRITE_A: tl.constexpr, VEC: tl.constexpr,
                 BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0)
@@ -108,7 +108,7 @@ def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
         w = tl.load(param_ptr + offs, mask=valid, other=0.0)
         if GUARD:
             tl.store(backup + offs, w, mask=valid)
-        if AFTER:
+        if MASKS_STEP:
             x = total
         else:
             x = g
@@ -139,7 +139,7 @@ def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
             else:
                 second = second + sq
             direction = tl.div_rn(first, tl.sqrt_rn(second) + eps)
-        if AFTER:
+        if MASKS_STEP:
             direction = direction * m
         new_w = w + lr * direction
         if GUARD:
@@ -267,7 +267,7 @@ def run(job: Job) -> Outcome:
     guard_step = job.guard and step is not None
     backup = (torch.empty((1 + len(job.states)) * n, dtype=torch.float32, device=device)
               if guard_step else None)
-    after = step is not None and step.masks_step
+    masks_step = step is not None and step.masks_step
     dummy = partials  # stands in for pointers a variant never touches
     _gma_kernel[(grid,)](
         base, offsets, weights, n, k, float(threshold), float(scale),
@@ -280,7 +280,7 @@ def run(job: Job) -> Outcome:
         float(step.beta1) if step else 0.0, float(step.beta2) if step else 0.0,
         float(step.eps) if step else 1.0,
         WEIGHTED=job.mask.weighted_agreement,
-        HARD=job.mask.mask == "hard", OPT=opt, AFTER=after, GUARD=job.guard,
+        HARD=job.mask.mask == "hard", OPT=opt, MASKS_STEP=masks_step, GUARD=job.guard,
         WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, VEC=vec,
         **LAUNCH,
     )
