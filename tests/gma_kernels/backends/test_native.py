@@ -255,3 +255,20 @@ def test_native_step_equals_torch_ops_bit_for_bit(kind, placement, many_threads,
             assert torch.equal(native, chunks)
         else:
             torch.testing.assert_close(native, chunks, rtol=1e-5, atol=1e-7)
+
+
+@needs_native
+def test_rows_more_than_2_to_the_31_elements_apart():
+    """64-bit addressing: the rows of a [K, N] view lie 2^31 + 64 bf16 elements apart in one
+    storage (4 GiB of address space, of which only the rows are ever touched), and the
+    aggregate equals the reference of the same rows made contiguous."""
+    k, n, stride = 3, 5003, (1 << 31) + 64
+    storage = torch.empty((k - 1) * stride + n, dtype=torch.bfloat16)
+    updates = storage.as_strided((k, n), (stride, 1))
+    gen = torch.Generator().manual_seed(31)
+    updates.copy_(torch.randn(k, n, generator=gen) * 0.01)
+    exact = updates.double()
+    params = torch.zeros(n)
+    gk.gma_step(params, updates, [1.0, 2.0, 3.0], lr=1.0, backend="torch")
+    expected = ref.masked_mean(exact, [1.0, 2.0, 3.0], tau=0.4, mask="soft")
+    assert_close(params, expected, scale=data_scale(exact))
