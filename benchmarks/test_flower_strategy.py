@@ -6,7 +6,10 @@ model (five float32 arrays), as a Flower ServerApp receives them: ``Message`` ob
 The timed call is ``aggregate_train`` alone: reply validation, reading the arrays, aggregation,
 the server step and building the returned ``ArrayRecord``. The GMA strategies also read the
 global arrays once per round in ``configure_train`` (``set_global_arrays``), timed as its own
-contender; Flower's FedAdam deserializes them there too (``current_arrays``).
+contender; Flower's FedAdam deserializes them there too (``current_arrays``). Two more
+contenders split ``GMAFedAvg``'s call into its unavoidable parts: ``fedgma.read_updates`` (the
+replies' bytes read into one ``[K, N]`` float32 matrix of updates) and ``gma_step`` (the bare
+library call on that matrix).
 
 Run: ``pytest benchmarks/test_flower_strategy.py --benchmark-only``. Skipped without Flower.
 """
@@ -27,6 +30,7 @@ except ImportError as err:
     pytest.skip(f"Flower's Message API strategies are missing: {err}", allow_module_level=True)
 
 import _harness  # noqa: E402
+import gma_kernels as gk  # noqa: E402
 from gma_kernels.integrations.flower import GMAFedAdam, GMAFedAvg  # noqa: E402
 
 K = 16
@@ -49,6 +53,8 @@ CONTENDERS = {
     "flower_fedadam": (lambda device: FedAdam(), False),
     "gma_fedadam": (lambda device: GMAFedAdam(gma_tau=0.4, device=device), True),
     "fedgma.set_global_arrays": (lambda device: GMAFedAvg(gma_tau=0.4, device=device), True),
+    "fedgma.read_updates": (lambda device: GMAFedAvg(gma_tau=0.4, device=device), True),
+    "gma_step": (lambda device: GMAFedAvg(gma_tau=0.4, device=device), True),
 }
 
 
@@ -93,9 +99,21 @@ def test_flower_aggregate_train(benchmark, inputs, device, name, machine):
             strategy.set_global_arrays(global_arrays)
         elif isinstance(strategy, FedAdam):          # what FedOpt.configure_train does
             strategy.current_arrays = {k: a.numpy() for k, a in global_arrays.items()}
+        records = [next(iter(m.content.array_records.values())) for m in replies]
+        nodes = [m.metadata.src_node_id for m in replies]
         if name.endswith("set_global_arrays"):
             def fn():
                 strategy.set_global_arrays(global_arrays)
+        elif name.endswith("read_updates"):
+            def fn():
+                strategy._read_updates(records, nodes)
+        elif name == "gma_step":
+            updates = strategy._read_updates(records, nodes).clone()
+            weights = [float(m.content["metrics"]["num-examples"]) for m in replies]
+            params = torch.zeros(N, device=device)
+
+            def fn():
+                gk.gma_step(params, updates, weights, tau=0.4)
         else:
             def fn():
                 arrays, metrics = strategy.aggregate_train(1, replies)
