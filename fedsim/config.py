@@ -23,7 +23,7 @@ from gma_kernels.config import MASK_KINDS, OPTIMIZER_KINDS, PLACEMENTS
 
 from .client import ENGINES
 from .data import DATASETS, coloring_of
-from .data.coloring import CLIENT_FLIP_RANGE
+from .data.coloring import CLIENT_FLIP_RANGE, check_binary_options
 from .data.splits import SPLITS, check_split_args
 from .methods import ALGORITHMS, canonical, is_masked, server_optimizer_of
 from .models import MODELS, parameter_names
@@ -210,14 +210,8 @@ class Config:
         _number("validation_fraction", self.validation_fraction, low=0.0)
         if self.validation_fraction >= 1.0:
             raise ValueError(f"validation_fraction must be < 1, got {self.validation_fraction}")
-        _number("label_noise", self.label_noise, low=0.0, high=1.0)
-        _number("reversed_color_fraction", self.reversed_color_fraction, low=0.0, high=1.0)
-        if len(self.color_flip_range) != 2:
-            raise ValueError(f"color_flip_range must be two numbers low,high, got "
-                             f"{self.color_flip_range}")
-        low, high = self.color_flip_range
-        _number("color_flip_range", low, low=0.0, high=1.0)
-        _number("color_flip_range", high, low=low, high=1.0)
+        check_binary_options(self.label_noise, self.color_flip_range,
+                             self.reversed_color_fraction)
         changed = [name for name, default in (("label_noise", 0.0), ("reversed_color_fraction", 0.0),
                                               ("color_flip_range", CLIENT_FLIP_RANGE))
                    if getattr(self, name) != default]

@@ -12,6 +12,7 @@ Inputs are grayscale ``[n, 1, H, W]`` in [0, 1]; outputs are RGB ``[n, 3, H, W]`
 from __future__ import annotations
 
 import colorsys
+import math
 
 import numpy as np
 import torch
@@ -22,6 +23,21 @@ CLIENT_FLIP_RANGE: tuple[float, float] = (0.1, 0.2)
 ID_TEST_FLIP_PROB = 0.15
 #: Flip probability of the out-of-distribution test set (the rule reversed).
 OOD_FLIP_PROB = 0.9
+
+
+def check_binary_options(label_noise: float, color_flip_range: tuple[float, float],
+                         reversed_color_fraction: float) -> None:
+    """The binary coloring's options, one home for the config and the data loader:
+    ``label_noise`` and ``reversed_color_fraction`` in [0, 1], ``color_flip_range`` two numbers
+    ``(low, high)`` with ``0 <= low <= high <= 1``; else ValueError naming the option."""
+    if len(color_flip_range) != 2:
+        raise ValueError(f"color_flip_range must be two numbers low,high, got {color_flip_range}")
+    low, high = color_flip_range
+    for what, value, lowest in (("label_noise", label_noise, 0.0),
+                                ("reversed_color_fraction", reversed_color_fraction, 0.0),
+                                ("color_flip_range", low, 0.0), ("color_flip_range", high, low)):
+        if not math.isfinite(value) or not lowest <= value <= 1.0:
+            raise ValueError(f"{what} must be a finite number >= {lowest} and <= 1.0, got {value}")
 
 
 def _hsv(h: float, s: float, v: float) -> list[float]:

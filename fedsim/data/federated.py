@@ -14,6 +14,7 @@ from .coloring import (
     OOD_FLIP_PROB,
     CLIENT_FLIP_RANGE,
     binary_labels,
+    check_binary_options,
     client_flip_probs,
     color_binary,
     color_multiclass,
@@ -113,7 +114,7 @@ def load_federated(
             != (0.0, CLIENT_FLIP_RANGE, 0.0):
         raise ValueError(f"label_noise, color_flip_range and reversed_color_fraction apply to "
                          f"the binary colored datasets only, not {name!r}")
-    _check_binary_options(**options)
+    check_binary_options(**options)
 
     raw = load_source(source, data_dir, download)
     x, y = raw.train
@@ -143,18 +144,6 @@ def load_federated(
     c, h, w = clients[0][0].shape[1:]
     shape = (int(c), int(h), int(w))
     return FederatedDataset(name, clients, test, ood_test, num_classes, shape, meta, validation)
-
-
-def _check_binary_options(label_noise: float, color_flip_range: tuple[float, float],
-                          reversed_color_fraction: float) -> None:
-    low, high = color_flip_range
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"color_flip_range must be (low, high) with 0 <= low <= high <= 1, got "
-                         f"{color_flip_range}")
-    for what, value in (("label_noise", label_noise),
-                        ("reversed_color_fraction", reversed_color_fraction)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{what} must be in [0, 1], got {value}")
 
 
 def _hold_out(clients: list[Split], fraction: float, seed: int) -> tuple[list[Split], Split | None]:
