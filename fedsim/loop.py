@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -191,14 +192,21 @@ def color_reliance(model: nn.Module, x: Tensor) -> float:
     return changed.item() / len(x)
 
 
+_DATA_FIELDS = ("dataset", "num_clients", "split", "alpha", "data_dir", "download",
+                "min_client_size", "max_train", "validation_fraction", "label_noise",
+                "color_flip_range", "reversed_color_fraction")
+
+
 def read_data(config: Config, seed: int) -> FederatedDataset:
-    """The federated dataset ``config`` describes for ``seed``, on the host."""
-    return load_federated(config.dataset, num_clients=config.num_clients, split=config.split,
-                          alpha=config.alpha, seed=seed, data_dir=config.data_dir,
-                          download=config.download, min_client_size=config.min_client_size,
-                          max_train=config.max_train, validation_fraction=config.validation_fraction,
-                          label_noise=config.label_noise, color_flip_range=config.color_flip_range,
-                          reversed_color_fraction=config.reversed_color_fraction)
+    """The federated dataset ``config`` describes for ``seed``, on the host (the latest one is
+    kept: the start-up check and the first seed's run read it once)."""
+    return _read_data(seed, *(getattr(config, name) for name in _DATA_FIELDS))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_data(seed: int, *values: object) -> FederatedDataset:
+    settings = dict(zip(_DATA_FIELDS, values))
+    return load_federated(settings.pop("dataset"), seed=seed, **settings)
 
 
 def load_data(config: Config, seed: int) -> FederatedDataset:
