@@ -187,7 +187,8 @@ static inline int finite_f(float x) { return fabsf(x) <= 3.4028234663852886e38f;
 
 /* One tile of the step on x (and mask, may be NULL). The new w and states are computed first;
  * with guard nothing is written unless all are finite (returns 1 then). When backup is given,
- * the old w, s1, s2 first go to backup[0], backup[1], backup[2] (the tile's offset applied). */
+ * the old w, s1, s2 first go to backup[0], backup[1], backup[2] (the tile's offset applied).
+ * One branch-free loop per kind, so each vectorizes. */
 MULTIVERSION
 static int step_tile(const Step *st, int len, const float *restrict x, const float *restrict mask,
                      float *restrict w, float *restrict s1, float *restrict s2, int guard,
@@ -195,32 +196,42 @@ static int step_tile(const Step *st, int len, const float *restrict x, const flo
                      float *restrict n2) {
     float bad = 0.0f;
     const int kind = st->kind;
-    for (int j = 0; j < len; ++j) {
-        float d;
-        if (kind == 1) {
-            d = x[j];
-        } else if (kind == 2) {
-            n1[j] = s1[j] * st->momentum + x[j];
-            d = n1[j];
+    const float mom = st->momentum, b1 = st->beta1, c1 = st->one_minus_beta1;
+    const float b2 = st->beta2, c2 = st->one_minus_beta2, eps = st->eps, lr = st->lr;
+    if (kind == 2) {
+        for (int j = 0; j < len; ++j) {
+            n1[j] = s1[j] * mom + x[j];
             bad += finite_f(n1[j]) ? 0.0f : 1.0f;
-        } else {
-            float sq = x[j] * x[j];
-            float first = s1[j] * st->beta1 + x[j] * st->one_minus_beta1;
-            float second = s2[j];
-            if (kind == 3)
-                second = second * st->beta2 + sq * st->one_minus_beta2;
-            else if (kind == 4)
-                second = second - (st->one_minus_beta2 * sq) * sign_float(second - sq);
-            else
-                second = second + sq;
-            n1[j] = first;
-            n2[j] = second;
-            d = first / (sqrtf(second) + st->eps);
-            bad += (finite_f(first) ? 0.0f : 1.0f) + (finite_f(second) ? 0.0f : 1.0f);
         }
-        if (mask) d = d * mask[j];
-        nw[j] = w[j] + st->lr * d;
-        bad += finite_f(nw[j]) ? 0.0f : 1.0f;
+    } else if (kind >= 3) {
+        for (int j = 0; j < len; ++j) {
+            float sq = x[j] * x[j];
+            n1[j] = s1[j] * b1 + x[j] * c1;
+            if (kind == 3)
+                n2[j] = s2[j] * b2 + sq * c2;
+            else if (kind == 4)
+                n2[j] = s2[j] - (c2 * sq) * sign_float(s2[j] - sq);
+            else
+                n2[j] = s2[j] + sq;
+            nw[j] = n1[j] / (sqrtf(n2[j]) + eps);   /* the direction, for now */
+            bad += (finite_f(n1[j]) ? 0.0f : 1.0f) + (finite_f(n2[j]) ? 0.0f : 1.0f);
+        }
+    }
+    const float *d = kind == 1 ? x : kind == 2 ? n1 : nw;
+    if (mask) {
+        for (int j = 0; j < len; ++j) nw[j] = d[j] * mask[j];
+        d = nw;
+    }
+    if (d == nw) {
+        for (int j = 0; j < len; ++j) {
+            nw[j] = w[j] + lr * nw[j];
+            bad += finite_f(nw[j]) ? 0.0f : 1.0f;
+        }
+    } else {
+        for (int j = 0; j < len; ++j) {
+            nw[j] = w[j] + lr * d[j];
+            bad += finite_f(nw[j]) ? 0.0f : 1.0f;
+        }
     }
     if (guard && bad > 0.0f) return 1;
     size_t bytes = (size_t)len * sizeof(float);
