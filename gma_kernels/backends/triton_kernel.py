@@ -15,7 +15,7 @@ can restore them. Per-program partial sums of ``m`` and ``A`` give the mask stat
 Entry points, as every backend has them: ``run(job)`` (aggregate and step in the one launch),
 ``step`` (a step on a known ``g``: the same kernel reading ``g`` as its only row, every
 coordinate kept; ``formula.apply_step`` when a mask multiplies the step), ``fold`` and
-``nonfinite_rows`` (the torch backend's, on the GPU).
+``nonfinite_rows``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from ..batch import ClientBatch
 from ..config import MaskConfig, StepConfig
 from ..formula import apply_step, mask_threshold
 from ..job import Job, Outcome
-from .torch_ops import nonfinite_rows  # noqa: F401 - the same check, on the GPU
 
 OPTIMIZER_CODES = {None: 0, "sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
 
@@ -240,6 +239,12 @@ def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted:
     _fold_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
         base, offsets, weights, batch.numel, batch.num_clients, total, count,
         WEIGHTED=weighted, VEC=vec, **LAUNCH)
+
+
+def nonfinite_rows(batch: ClientBatch) -> list[int]:
+    """The clients whose update holds a NaN or an infinity, with one device sync for all."""
+    finite = torch.stack([torch.isfinite(row).all() for row in batch.rows])
+    return torch.nonzero(~finite).flatten().tolist()
 
 
 def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
