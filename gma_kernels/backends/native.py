@@ -99,14 +99,15 @@ def _row_pointers(batch: ClientBatch) -> np.ndarray:
     return np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
 
 
-def _chunks(n: int, parallel: bool) -> list[int]:
-    """Chunk bounds over ``n`` columns: one chunk unless ``parallel`` and ``n`` is large."""
+def _chunks(n: int, parallel: bool) -> tuple[list[int], int]:
+    """(chunk bounds over ``n`` columns, threads to work on them): one chunk and one thread
+    unless ``parallel`` and ``n`` is large."""
     threads = min(torch.get_num_threads(), n // MIN_COLUMNS_PER_THREAD) if parallel else 1
     if threads <= 1:
-        return [0, n]
+        return [0, n], 1
     count = threads * CHUNKS_PER_THREAD
     bounds = sorted({min(n, (n * i // count) // _ALIGN * _ALIGN) for i in range(count)})
-    return bounds + [n]
+    return bounds + [n], threads
 
 
 def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[float, ...],
@@ -117,7 +118,7 @@ def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[floa
     until none is left (see the module docstring). Each chunk gets a zeroed float64 array of
     ``sums`` sums to add into. Returns (the chunk bounds, each chunk's return code,
     ``[chunks, sums]``); a negative code raises."""
-    bounds = _chunks(numel, parallel)
+    bounds, threads = _chunks(numel, parallel)
     chunks = len(bounds) - 1
     if batch is not None:
         pointers = _row_pointers(batch)
@@ -149,7 +150,7 @@ def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[floa
                     done.release()
 
         pool = _pool(torch.get_num_threads() - 1, os.getpid())
-        for _ in range(torch.get_num_threads() - 1):
+        for _ in range(threads - 1):  # the calling thread is the last one
             pool.submit(drain)
         drain()
         for _ in range(chunks):

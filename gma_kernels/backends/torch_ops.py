@@ -27,6 +27,7 @@ MASK_BLOCK = 1 << 17  # coordinates masked together (the per-coordinate ops run 
 
 step = apply_step
 
+
 def chunk_length(batch: ClientBatch) -> int:
     """Elements per chunk: K·L·4 bytes stays within the cache budget (CPU) or a memory cap."""
     budget = CPU_CHUNK_BYTES if batch.device.type == "cpu" else DEVICE_CHUNK_BYTES
@@ -50,29 +51,21 @@ def _chunk(batch: ClientBatch, start: int, stop: int, buf: Tensor | None) -> Ten
     return out
 
 
-def outputs(job: Job) -> tuple[Tensor, Tensor | None]:
-    """Where phase 1 writes: ``g`` (``job.g_out`` or a new buffer) and, when the mask multiplies
-    the step, ``m`` apart (``g`` then holds the unmasked mean)."""
+def run(job: Job) -> Outcome:
+    """Phase 1 in PyTorch ops (``_aggregate``: sums, count, mask) into ``g``, with ``m`` apart
+    when the mask multiplies the step; then phase 2, the step, only once every value of phase 1
+    is finite (or the job is unguarded)."""
     f32 = dict(dtype=torch.float32, device=job.batch.device)
     g = job.g_out if job.g_out is not None else torch.empty(job.batch.numel, **f32)
     split = job.step is not None and job.step.masks_step
-    return g, (torch.empty(job.batch.numel, **f32) if split else None)
-
-
-def finish(job: Job, g: Tensor, mask_out: Tensor | None, finite: bool, sums: Tensor) -> Outcome:
-    """Phase 2: the step, only once every value of phase 1 is finite (or unguarded)."""
+    mask_out = torch.empty(job.batch.numel, **f32) if split else None
+    finite, sums = _aggregate(job, g, mask_out)
     if job.guard and not finite:
         return Outcome(False, sums)
     if job.step is not None and not apply_step(job.step, job.params, job.states, g, mask_out,
                                                guard=job.guard):
         return Outcome(False, sums)
     return Outcome(True, sums)
-
-
-def run(job: Job) -> Outcome:
-    """Aggregate in PyTorch ops (``_aggregate``: sums, count, mask), then step."""
-    g, mask_out = outputs(job)
-    return finish(job, g, mask_out, *_aggregate(job, g, mask_out))
 
 
 def _aggregate(job: Job, g: Tensor, mask_out: Tensor | None) -> tuple[bool, Tensor]:
