@@ -119,6 +119,13 @@ class Plan:
     steps: list[int]
     counts: list[list[int]] = field(repr=False)  # real batch sizes [S][C] (host)
 
+    def batch(self, s: int) -> tuple[Tensor, Tensor]:
+        """Step ``s``'s ``index`` and ``weight`` (``[C, b]``), cut to its largest real batch
+        ``b``: a short step (the last batch of an epoch, a round of small clients) computes
+        no padding beyond it (each batch's real examples come first)."""
+        b = max(self.counts[s])
+        return self.index[s, :, :b], self.weight[s, :, :b]
+
 
 def shuffled_plan(data: ClientData, ids: Sequence[int], generators: Sequence[torch.Generator],
                   batch_size: int, steps: Sequence[int]) -> Plan:
@@ -320,7 +327,7 @@ class CohortTrainer(Trainer):
         last = {n - 1 for n in plan.steps} if last_gradient else set()
         rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
         for s in range(plan.index.shape[0]):
-            losses = self._losses(leaves, plan.index[s], plan.weight[s])
+            losses = self._losses(leaves, *plan.batch(s))
             fresh = self._gradients(leaves, losses)
             with torch.no_grad():
                 if everyone[s] and hook is None:
@@ -356,7 +363,7 @@ class CohortTrainer(Trainer):
         leaves, views = self._leaves(cohort), self._views(cohort.grads).values()
         cohort.grads.zero_()
         for s in range(plan.index.shape[0]):
-            losses = self._losses(leaves, plan.index[s], plan.weight[s])
+            losses = self._losses(leaves, *plan.batch(s))
             for view, g in zip(views, self._gradients(leaves, losses)):
                 view.add_(g)
 

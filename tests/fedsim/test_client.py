@@ -105,6 +105,11 @@ def test_plan_draws_each_clients_batches_from_its_own_generator(sizes, batch_siz
             assert torch.equal(data.x[picked], xb) and torch.equal(data.y[picked], yb)
             torch.testing.assert_close(plan.weight[s, j, :b], torch.full((b,), 1 / b))
             assert float(plan.weight[s, j, b:].abs().sum()) == 0  # padding weighs nothing
+    for s in range(max(steps)):  # a step's batch is cut to its largest real batch, no less
+        index, weight = plan.batch(s)
+        assert index.shape == weight.shape == (len(ids), max(plan.counts[s]))
+        assert torch.equal(index, plan.index[s, :, :index.shape[1]])
+        assert float(weight.sum()) == pytest.approx(float(plan.weight[s].sum()))
 
 
 def test_full_pass_plan_weighs_every_example_once_by_its_client():

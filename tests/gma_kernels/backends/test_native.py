@@ -127,13 +127,21 @@ def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threa
 
 
 @needs_native
-def test_every_float16_bit_pattern_loads_exactly():
-    """All 65536 halves (subnormals, ±0, infinities, NaNs) through the kernel with K = 1,
-    weight 1, τ = 0: g is each value as float32, and the non-finite ones are counted."""
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_every_float16_bit_pattern_loads_exactly(rows, flush_denormal):
+    """All 65536 halves (subnormals, ±0, infinities, NaNs) through the kernel as ``rows``
+    equal clients (1: the one-row loop; 4: the four-row loop; the mean of four equal halves
+    is exact), τ = 0: g is each value as float32, and the non-finite ones are counted; also
+    with the CPU in denormals-are-zero mode, which must not flush subnormal halves."""
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    batch = make_batch(x[None], None)
+    batch = make_batch(x[None].expand(rows, -1).contiguous(), None)
     g = torch.full((x.numel(),), 123.0)
-    sums = _native.aggregate(batch, None, 0.0, 1.0, False, g, None, None)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        sums = _native.aggregate(batch, None, 0.0, 1.0, False, g, None, None)
+    finally:
+        torch.set_flush_denormal(False)
     expected = x.float()
     finite = torch.isfinite(expected)
     assert torch.equal(g[finite], expected[finite])
