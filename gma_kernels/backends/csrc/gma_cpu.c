@@ -420,20 +420,30 @@ int gma_cpu_step(const void *const *rows, int dtype, int64_t num_clients, int64_
 }
 
 /* The number of non-finite values of each client's row over the columns [lo, hi), added into
- * counts[0..K-1] (float64). The weights are unused (the signature of the other entry points). */
+ * counts[0..K-1] (float64): a value is a NaN or an infinity exactly when its exponent bits are
+ * all ones, a test on the raw bits that needs no conversion (one vectorized integer loop per
+ * dtype). The weights are unused (the signature of the other entry points). */
+#define COUNT_ALL_ONES(TYPE, EXPONENT)                                                             \
+    for (int64_t j = lo; j < hi; ++j) bad += (((const TYPE *)row)[j] & (EXPONENT)) == (EXPONENT)
+
+MULTIVERSION
+static int64_t nonfinite_in(const void *row, int dtype, int64_t lo, int64_t hi) {
+    int64_t bad = 0;
+    if (dtype == 0)
+        COUNT_ALL_ONES(uint32_t, 0x7f800000u);
+    else if (dtype == 1)
+        COUNT_ALL_ONES(uint16_t, 0x7f80u);
+    else
+        COUNT_ALL_ONES(uint16_t, 0x7c00u);
+    return bad;
+}
+
 int gma_cpu_nonfinite(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
                       int64_t hi, const float *unused_w, const float *unused_a, double *counts) {
     (void)unused_w; (void)unused_a;
-    for (int64_t k = 0; k < num_clients; ++k) {
-        float bad = 0.0f;
-        const void *row = rows[k];
-        for (int64_t j = lo; j < hi; ++j) {
-            float x = dtype == 0 ? load_f32(row, j) : dtype == 1 ? load_bf16(row, j)
-                                                                 : load_f16(row, j);
-            bad += finite_f(x) ? 0.0f : 1.0f;
-        }
-        counts[k] += bad;
-    }
+    if (dtype < 0 || dtype > 2) return -1;
+    for (int64_t k = 0; k < num_clients; ++k)
+        counts[k] += (double)nonfinite_in(rows[k], dtype, lo, hi);
     return 0;
 }
 

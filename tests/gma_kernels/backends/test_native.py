@@ -150,6 +150,26 @@ def test_every_float16_bit_pattern_loads_exactly(rows, flush_denormal):
     assert sums[2] == int((~finite).sum())
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_count_per_row_matches_isfinite(dtype):
+    """The screen's count per row (from the raw exponent bits) equals torch's, on every bit
+    pattern of the 16-bit types and on random float32 bit patterns, over awkward columns."""
+    g = torch.Generator().manual_seed(7)
+    if dtype == torch.float32:
+        bits = torch.randint(-2**31, 2**31 - 1, (3, 100_003), generator=g, dtype=torch.int64)
+        rows = bits.to(torch.int32).view(torch.float32)
+    else:
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        rows = torch.stack([every[:65531], every[torch.randperm(65536, generator=g)][:65531]])
+    rows = torch.cat([rows, torch.randn(1, rows.shape[1]).to(dtype)])  # a finite row too
+    _, _, partial = _native._over_columns(_native._library().gma_cpu_nonfinite,
+                                          make_batch(rows, None), rows.shape[1], (), None,
+                                          sums=rows.shape[0], parallel=False)
+    want = [float((~torch.isfinite(r.float())).sum()) for r in rows]
+    assert partial.sum(0).tolist() == want and want[-1] == 0 and min(want[:-1]) > 0
+
+
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @PARAM_DTYPES
 @pytest.mark.parametrize("weighted", [False, True])
