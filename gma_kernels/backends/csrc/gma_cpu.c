@@ -194,8 +194,33 @@ static int have_avx512(void) {
 #endif
 
 /* Sums of m and A are float32 over runs of SUM_RUN columns, then float64: the rounding of the
- * statistics does not grow with the tile. */
+ * statistics does not grow with the tile. Within a run each sum is kept in LANES partial sums
+ * (column j in partial j % LANES), added up in lane order at the run's end: the same
+ * order on every machine, and one that vectorizes (a single running float32 sum must add one
+ * column after another, a chain of dependent additions that took as long as the whole fold
+ * at small K). */
 #define SUM_RUN 512
+#define LANES 16
+
+static inline float finish_column(const float *total, float *fcount, const int32_t *icount,
+                                  int weighted, int j, float threshold, float scale, int hard,
+                                  float *g, float *m_out, float *agree_out, float *bad_out) {
+    float score = weighted ? fabsf(fcount[j]) : (float)abs(icount[j]);
+    float agree = score * scale;
+    int keep = score >= threshold;
+    float m = keep ? 1.0f : (hard ? 0.0f : agree);
+    float s = total[j];
+    *bad_out = (fabsf(s) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
+    *agree_out = agree;
+    fcount[j] = agree;
+    if (m_out) {
+        m_out[j] = m;
+        g[j] = s;
+    } else {
+        g[j] = m * s;
+    }
+    return m;
+}
 
 MULTIVERSION
 static void finish_tile(const float *restrict total, float *restrict fcount,
@@ -204,27 +229,32 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
                         float *restrict m_out, double *restrict sums) {
     for (int lo = 0; lo < len; lo += SUM_RUN) {
         int hi = len - lo < SUM_RUN ? len : lo + SUM_RUN;
-        float mask_sum = 0.0f, agree_sum = 0.0f, bad = 0.0f;
-        for (int j = lo; j < hi; ++j) {
-            float score = weighted ? fabsf(fcount[j]) : (float)abs(icount[j]);
-            float agree = score * scale;
-            int keep = score >= threshold;
-            float m = keep ? 1.0f : (hard ? 0.0f : agree);
-            float s = total[j];
-            bad += (fabsf(s) <= 3.4028234663852886e38f) ? 0.0f : 1.0f;
-            mask_sum += m;
-            agree_sum += agree;
-            fcount[j] = agree;
-            if (m_out) {
-                m_out[j] = m;
-                g[j] = s;
-            } else {
-                g[j] = m * s;
+        float mask_sum[LANES] = {0}, agree_sum[LANES] = {0}, bad[LANES] = {0};
+        int j = lo;
+        for (; j + LANES <= hi; j += LANES)
+            for (int l = 0; l < LANES; ++l) {
+                float agree, nonfinite;
+                mask_sum[l] += finish_column(total, fcount, icount, weighted, j + l, threshold,
+                                             scale, hard, g, m_out, &agree, &nonfinite);
+                agree_sum[l] += agree;
+                bad[l] += nonfinite;
             }
+        for (int l = 0; j < hi; ++j, ++l) {
+            float agree, nonfinite;
+            mask_sum[l] += finish_column(total, fcount, icount, weighted, j, threshold, scale,
+                                         hard, g, m_out, &agree, &nonfinite);
+            agree_sum[l] += agree;
+            bad[l] += nonfinite;
         }
-        sums[0] += mask_sum;
-        sums[1] += agree_sum;
-        sums[2] += bad;
+        float m_run = 0.0f, a_run = 0.0f, b_run = 0.0f;
+        for (int l = 0; l < LANES; ++l) {
+            m_run += mask_sum[l];
+            a_run += agree_sum[l];
+            b_run += bad[l];
+        }
+        sums[0] += m_run;
+        sums[1] += a_run;
+        sums[2] += b_run;
     }
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
 }

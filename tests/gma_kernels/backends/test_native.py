@@ -127,6 +127,19 @@ def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threa
 
 
 @needs_native
+@pytest.mark.parametrize("k", [3, 7])
+def test_statistics_keep_float32_accuracy_over_many_columns(k):
+    """The density and mean agreement over 2^20 + 5 columns, agreement values k/3-like
+    fractions that float32 cannot hold exactly: within 5e-7 of the float64 sums (a single
+    running float32 sum per run of columns drifts several times further)."""
+    updates, exact, w = make(k, k, (1 << 20) + 5, torch.float32, "matrix", device="cpu")
+    _, stats = gk.masked_mean(updates, w, tau=0.5, backend="torch", return_stats=True)
+    assert float(stats.mean_agreement) == pytest.approx(ref.mean_agreement(exact, w),
+                                                        rel=5e-7)
+    assert float(stats.density) == pytest.approx(ref.density(exact, w, tau=0.5), rel=5e-7)
+
+
+@needs_native
 @pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize("flush_denormal", [False, True])
 def test_every_float16_bit_pattern_loads_exactly(rows, flush_denormal):
