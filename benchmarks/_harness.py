@@ -412,9 +412,10 @@ def source_digest() -> str:
     from pathlib import Path
 
     import gma_kernels
+    root = Path(gma_kernels.__file__).parent
     digest = hashlib.sha1()
-    for path in sorted(Path(gma_kernels.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 

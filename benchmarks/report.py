@@ -322,7 +322,7 @@ def plot(rows: list[dict], path: str, metric: str = "bandwidth") -> None:
             if j == 0:
                 ax.set_ylabel("GB/s (min. traffic / median)" if metric == "bandwidth"
                               else "median ms")
-    handles, labels = {}, {}
+    handles: dict = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
