@@ -125,12 +125,14 @@ DEFINE_FOLD(fold_f16, load_f16)
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__)
 #include <immintrin.h>
 #define HAVE_FOLD_F16_AVX512 1
-#define H16(ROW) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ROW) + start + j)))
+#define H16(ROW)                                                                                 \
+    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ROW) + start + j)))
 #define SIGN_F(X) _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), one), \
                                 _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), one))
-#define SIGN_I(C, X) C = _mm512_mask_sub_epi32(_mm512_mask_add_epi32(C, \
-        _mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), C, ione), _mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), \
-        C, ione)
+#define SIGN_I(C, X)                                                                             \
+    C = _mm512_mask_sub_epi32(                                                                     \
+        _mm512_mask_add_epi32(C, _mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), C, ione),               \
+        _mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), C, ione)
 #define ADD_MUL(S, W, X) S = _mm512_add_ps(S, _mm512_mul_ps(W, X))
 
 __attribute__((target("avx512f"))) static void fold_f16_avx512(
