@@ -20,11 +20,13 @@ then runs the torch backend's pure-PyTorch chunks on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.machinery
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +44,7 @@ KIND_CODES = {"sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
 ENABLED = os.environ.get("GMA_KERNELS_NATIVE", "1") != "0"
 MIN_COLUMNS_PER_THREAD = 1 << 16   # below twice this one thread: the split costs more than it saves
 CHUNKS_PER_THREAD = 4              # chunks per thread, so a late thread's share is taken by others
+OUT_OF_MEMORY = -2                 # a C call's code when malloc failed (before it wrote anything)
 _ALIGN = 8192                      # chunks start on a tile of the C loop
 
 
@@ -155,9 +158,25 @@ def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[floa
         drain()
         for _ in range(chunks):
             done.acquire()
+    for i in [i for i, c in enumerate(codes) if c == OUT_OF_MEMORY]:
+        partial[i] = 0  # that chunk wrote nothing: the calling thread takes it again
+        codes[i] = fn(*head, bounds[i], bounds[i + 1], *tail, *rest, partial[i].ctypes.data)
     if any(c < 0 for c in codes):
-        raise RuntimeError(f"native CPU kernel failed (codes {codes})")
+        raise KernelFailure(codes, bounds, partial)
     return bounds, codes, partial
+
+
+class KernelFailure(RuntimeError):
+    """A chunk of a native call failed (its code: ``OUT_OF_MEMORY`` when no scratch space could
+    be had, even on the calling thread); the other chunks may have finished. Carries what the
+    callers need to undo a step: the chunk bounds and each chunk's sums. (A streaming fold
+    cannot be undone exactly: an accumulator it fails in holds the finished chunks' sums.)"""
+
+    def __init__(self, codes: list[int], bounds: list[int], partial: np.ndarray) -> None:
+        out_of_memory = OUT_OF_MEMORY in codes
+        super().__init__("native CPU kernel could not allocate its scratch space (out of memory)"
+                         if out_of_memory else f"native CPU kernel failed (codes {codes})")
+        self.bounds, self.partial = bounds, partial
 
 
 def _address(t: Tensor | None) -> int | None:
@@ -172,10 +191,11 @@ def run(job: Job) -> Outcome:
     g = job.g_out  # None: g lives in the C loop's tile buffer only
     split = step is not None and step.masks_step
     args, arrays, targets, backups = _step_args(step, job.params, job.states, job.guard)
-    bounds, codes, partial = _over_columns(
-        _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_w,
-        float(threshold), float(scale), int(job.mask.mask == "hard"), _address(g),
-        _address(job.a_out), None, int(split), args, arrays, int(job.guard), sums=4)
+    with _undone_on_failure(3, targets, backups):
+        bounds, codes, partial = _over_columns(
+            _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_w,
+            float(threshold), float(scale), int(job.mask.mask == "hard"), _address(g),
+            _address(job.a_out), None, int(split), args, arrays, int(job.guard), sums=4)
     mask_sum, agreement_sum, bad, _ = partial.sum(0)
     sums = torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
     if not job.guard or (bad == 0 and not any(codes)):
@@ -189,9 +209,10 @@ def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tens
     """A server step on a known ``g = x`` (``mask`` multiplies the direction) in C; returns
     whether it stepped (with ``guard``, nothing is written unless every new value is finite)."""
     args, arrays, targets, backups = _step_args(config, params, states, guard)
-    bounds, codes, partial = _over_columns(
-        _library().gma_cpu_step, None, params.numel(), (), None, x.data_ptr(), _address(mask),
-        args, arrays, int(guard), sums=1)
+    with _undone_on_failure(0, targets, backups):
+        bounds, codes, partial = _over_columns(
+            _library().gma_cpu_step, None, params.numel(), (), None, x.data_ptr(),
+            _address(mask), args, arrays, int(guard), sums=1)
     if not any(codes):
         return True
     _put_back(bounds, partial[:, 0], targets, backups)
@@ -210,6 +231,24 @@ def _step_args(config: StepConfig | None, params: Tensor | None, states: tuple[T
     args = _Step(KIND_CODES[config.kind], config.lr, config.momentum, config.beta1,
                  1.0 - config.beta1, config.beta2, 1.0 - config.beta2, config.eps)
     return ctypes.byref(args), ctypes.byref(_StepArrays(*pointers)), targets, backups
+
+
+@contextlib.contextmanager
+def _undone_on_failure(stepped_sum: int, targets: tuple[Tensor, ...],
+                       backups: tuple[Tensor, ...]) -> Iterator[None]:
+    """When a chunk fails (``KernelFailure``), put back what the other chunks stepped (column
+    counts in sum ``stepped_sum`` of each chunk) and say so; unguarded calls have no backups."""
+    try:
+        yield
+    except KernelFailure as failure:
+        if not targets:
+            raise
+        if backups:
+            _put_back(failure.bounds, failure.partial[:, stepped_sum], targets, backups)
+        left = "params and optimizer state left unchanged" if backups else \
+            "params and optimizer state may be partly stepped (unguarded call)"
+        failure.args = (f"{failure}; {left}",)
+        raise
 
 
 def _put_back(bounds: list[int], stepped: np.ndarray, targets: tuple[Tensor, ...],

@@ -313,3 +313,49 @@ def test_rows_more_than_2_to_the_31_elements_apart():
     gk.gma_step(params, updates, [1.0, 2.0, 3.0], lr=1.0, backend="torch")
     expected = ref.masked_mean(exact, [1.0, 2.0, 3.0], tau=0.4, mask="soft")
     assert_close(params, expected, scale=data_scale(exact))
+
+
+class _FailingLibrary:
+    """The native library, except that the chunk starting at column ``lo`` reports no scratch
+    space (without writing anything, as the C code does) ``times`` times."""
+
+    def __init__(self, real, lo: int, times: int) -> None:
+        self.real, self.lo, self.left = real, lo, times
+
+    def __getattr__(self, name):
+        real = getattr(self.real, name)
+
+        def call(*args):
+            if args[3] == self.lo and self.left > 0:
+                self.left -= 1
+                return _native.OUT_OF_MEMORY
+            return real(*args)
+        return call
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("times", [1, 2])
+def test_chunk_out_of_memory_is_retried_or_leaves_params_unchanged(kind, times, many_threads,
+                                                                   monkeypatch):
+    """A chunk that cannot get its scratch space is taken again by the calling thread: once,
+    and the step is the same as without the failure; twice, and the call raises with params
+    and state as they were, though the other chunks had stepped."""
+    n = 50_000
+    updates, _, w = make(n, 6, n, torch.float32, "matrix", device="cpu")
+    params = torch.randn(n)
+    clean = gk.ServerOptimizer(params.clone(), kind, lr=0.1, backend="torch")
+    clean.step(updates, w)
+    lo = _native._chunks(n, True)[0][3]  # a chunk in the middle, not the calling thread's first
+    failing = _FailingLibrary(_native._library(), lo, times)
+    monkeypatch.setattr(_native, "_library", lambda: failing)
+    opt = gk.ServerOptimizer(params.clone(), kind, lr=0.1, backend="torch")
+    before = opt.params.clone()
+    if times == 1:
+        opt.step(updates, w)
+        assert torch.equal(opt.params, clean.params)
+        return
+    with pytest.raises(RuntimeError, match="out of memory.*left unchanged"):
+        opt.step(updates, w)
+    assert torch.equal(opt.params, before)
+    assert all(not s.any() for s in opt.states)
