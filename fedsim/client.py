@@ -422,14 +422,15 @@ class SequentialTrainer(Trainer):
 def resolve_engine(engine: str, model: nn.Module, input_shape: tuple[int, ...],
                    device: torch.device) -> str:
     """The engine ``auto`` stands for: the cohort engine, except on a CPU for a model with
-    convolutions on inputs of 16×16 or more, where a batched cohort's grouped convolutions are
-    slower than one client's at a time (28×28 CNN, 2-core CPU, a round of 10 clients:
-    1.08× slower, of 100 clients: 1.76×;
-    ``benchmarks/results/simulators-cpu.md``)."""
+    convolutions on inputs of 16×16 or more that is not a chain of common layers
+    (``fedsim.batched``): under ``vmap`` (the ResNet) its convolutions have not been measured
+    faster than one client's at a time. Chain models (fedsim's CNN) train as a cohort there
+    too, in cohorts small enough for the CPU's caches (``CPU_ACTIVATION_BUDGET``)."""
     if engine != "auto":
         return engine
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    if device.type == "cpu" and convolutional and min(input_shape[-2:]) >= 16:
+    if device.type == "cpu" and convolutional and min(input_shape[-2:]) >= 16 \
+            and chain_forward(model) is None:
         return "sequential"
     return "cohort"
 
@@ -444,12 +445,18 @@ def build_trainer(engine: str, model: nn.Module, data: ClientData, **settings) -
     return cls(model, data, **settings)
 
 
-def estimate_client_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
-    """Bytes one more client adds to a cohort: its rows of the parameter, gradient and
-    step-gradient matrices plus two more for an algorithm's extras (``5 N`` floats), and
-    three times the activations of one batch (forward outputs kept for backward, their
-    gradients, and the batched convolutions' copies), measured by a forward on the meta
-    device (no memory, no computation)."""
+#: On a CPU, at most this many bytes of one batch's forward activations in a cohort: beyond it
+#: the batched layers leave the caches and a cohort runs slower than one client at a time
+#: (28×28 CNN, batch 32, about 11 MB a client, 2-core CPU: cohorts of 4 clients 12.1 s a round
+#: of 5,400 examples, of 10 clients 13.7 s, of 72 clients 18–19.5 s; one client at a time 14 s)
+CPU_ACTIVATION_BUDGET = 64 << 20
+
+
+def client_footprint(model: nn.Module, input_shape: tuple[int, ...],
+                     batch_size: int) -> tuple[int, int]:
+    """(parameters, forward activations of one batch) of one client, in floats: the outputs of
+    every module on a batch of ``batch_size``, measured by a forward on the meta device (no
+    memory, no computation)."""
     n = sum(p.numel() for p in model.parameters())
     sizes: list[int] = []
     meta = copy.deepcopy(model).to("meta")
@@ -458,4 +465,17 @@ def estimate_client_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_
             lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
     with torch.no_grad():
         meta(torch.empty(batch_size, *input_shape, device="meta"))
-    return 4 * (5 * n + 3 * sum(sizes))
+    return n, sum(sizes)
+
+
+def estimate_client_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
+    """Bytes one more client adds to a cohort (``footprint_bytes`` of its ``client_footprint``)."""
+    return footprint_bytes(*client_footprint(model, input_shape, batch_size))
+
+
+def footprint_bytes(params: int, activations: int) -> int:
+    """A client's bytes in a cohort: its rows of the parameter, gradient and step-gradient
+    matrices plus two more for an algorithm's extras (``5 N`` floats), and three times the
+    activations of one batch (forward outputs kept for backward, their gradients, and the
+    batched convolutions' copies)."""
+    return 4 * (5 * params + 3 * activations)

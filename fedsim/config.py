@@ -79,11 +79,13 @@ class Config:
     weight_decay: float = _setting(0.0, "local L2 weight decay")
     engine: str = _setting("auto", "how a round's clients train: cohort (together, as one batched "
                            "model), sequential (one after another), auto (cohort, except on a "
-                           "CPU for convolutional models on inputs of 16x16 or more)", ENGINES)
+                           "CPU for convolutional models on inputs of 16x16 or more that "
+                           "fedsim cannot run layer by layer, such as the resnet)", ENGINES)
     cohort_size: int = _setting(0, "most clients trained together; a larger round trains in "
                                 "consecutive cohorts. Memory grows linearly with it: about "
                                 "5 x 4 bytes per parameter plus 3 batches of activations per "
-                                "client (0: as many as fit in a quarter of the free memory)")
+                                "client (0: as many as fit in a quarter of the free memory and, on a "
+                                "CPU, keep one batch's activations within 64 MiB)")
     # federation and server
     algorithms: tuple[str, ...] = _setting(("fedavg", "fedgma"), "client algorithms to compare, "
                                            "on the same data and seeds (<name>+gma: with gradient "

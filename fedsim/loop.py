@@ -24,7 +24,8 @@ from gma_kernels import NonFiniteError
 from .algorithms import Algorithm, Round, build_algorithm
 from .checkpoint import (CheckpointError, capture_rng, load_checkpoint, restore_rng,
                          save_checkpoint)
-from .client import ClientData, build_trainer, estimate_client_bytes, resolve_engine
+from .client import (CPU_ACTIVATION_BUDGET, ClientData, build_trainer, client_footprint,
+                     footprint_bytes, resolve_engine)
 from .config import Config
 from .data import FederatedDataset, load_federated
 from .data.coloring import swap_colors
@@ -151,14 +152,18 @@ def play_round(algorithm: Algorithm, server: Server, trainer: Trainer, clients: 
 def auto_cohort_size(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                      device: torch.device, clients: int) -> int:
     """How many clients train together by default: all of this rank's ``clients`` when their
-    cohort fits in a quarter of the device's free memory (``estimate_client_bytes`` each),
-    else as many as fit (at least 1)."""
+    cohort fits in a quarter of the device's free memory (``footprint_bytes`` each),
+    else as many as fit (at least 1); on a CPU also no more than keep one batch's activations
+    within ``CPU_ACTIVATION_BUDGET``."""
+    n, activations = client_footprint(model, input_shape, batch_size)
+    per_client = footprint_bytes(n, activations)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
+        cap = clients
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    per_client = estimate_client_bytes(model, input_shape, batch_size)
-    return max(1, min(clients, int(free // 4 // per_client)))
+        cap = CPU_ACTIVATION_BUDGET // (4 * max(1, activations))
+    return max(1, min(clients, cap, int(free // 4 // per_client)))
 
 
 def seed_everything(seed: int) -> None:

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.methods import ALGORITHMS
-from fedsim.client import (ClientData, client_generator, full_pass_plan, local_steps_of,
-                           resolve_engine, shuffled_plan)
+from fedsim.client import (CPU_ACTIVATION_BUDGET, ClientData, client_footprint,
+                           client_generator, full_pass_plan, local_steps_of, resolve_engine,
+                           shuffled_plan)
 from fedsim.config import Config
-from fedsim.loop import Simulation, load_data, run_experiment
+from fedsim.loop import Simulation, auto_cohort_size, load_data, run_experiment
 from fedsim.models import build_model
 from fedsim.server import Aggregation
 
@@ -189,16 +190,31 @@ def test_a_thousand_clients_a_round_in_bounded_cohorts(tmp_path):
     assert not torch.equal(before, sim.server.params) and torch.isfinite(sim.server.params).all()
 
 
+def test_auto_cohort_size_on_a_cpu_keeps_a_batch_of_activations_within_budget():
+    """The 28×28 CNN (about 11 MB of activations a client at batch 32): on a CPU a few
+    clients at a time, as many as the budget holds; with room to spare (the MLP), the
+    whole round."""
+    cpu = torch.device("cpu")
+    cnn = build_model("cnn", (2, 28, 28), 2)
+    _, activations = client_footprint(cnn, (2, 28, 28), 32)
+    want = CPU_ACTIVATION_BUDGET // (4 * activations)
+    assert 1 <= want < 10
+    assert auto_cohort_size(cnn, (2, 28, 28), 32, cpu, 100) == want
+    assert auto_cohort_size(cnn, (2, 28, 28), 32, cpu, 2) == min(2, want)
+    mlp = build_model("mlp", (1, 8, 8), 10)
+    assert auto_cohort_size(mlp, (1, 8, 8), 32, cpu, 100) == 100
+
+
 def test_auto_cohort_size_trains_the_whole_round_together_when_it_fits(tiny):
     config = Config(**tiny)
     assert Simulation(config, load_data(config, 0), "fedavg", 0).cohort_size == tiny["clients_per_round"]
 
 
-def test_auto_engine_is_the_cohort_except_large_convolutions_on_a_cpu():
+def test_auto_engine_is_the_cohort_except_large_vmapped_convolutions_on_a_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for name, shape, on_cpu, on_cuda in (("mlp", (1, 28, 28), "cohort", "cohort"),
                                          ("cnn", (1, 8, 8), "cohort", "cohort"),
-                                         ("cnn", (2, 28, 28), "sequential", "cohort"),
+                                         ("cnn", (2, 28, 28), "cohort", "cohort"),
                                          ("resnet", (3, 32, 32), "sequential", "cohort")):
         model = build_model(name, shape, 2)
         assert resolve_engine("auto", model, shape, cpu) == on_cpu
