@@ -24,7 +24,7 @@ included).
 
 Memory of a cohort of C clients and N parameters: ``P`` and ``G`` (``2 C N`` floats), the
 step's gradients (``C N``) and the activations of ``C × batch_size`` examples
-(``estimate_client_bytes``); algorithms may add a few ``C N`` matrices (FedGA's gradients,
+(``footprint_bytes``); algorithms may add a few ``C N`` matrices (FedGA's gradients,
 SCAFFOLD's corrections).
 """
 from __future__ import annotations
@@ -466,11 +466,6 @@ def client_footprint(model: nn.Module, input_shape: tuple[int, ...],
     with torch.no_grad():
         meta(torch.empty(batch_size, *input_shape, device="meta"))
     return n, sum(sizes)
-
-
-def estimate_client_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
-    """Bytes one more client adds to a cohort (``footprint_bytes`` of its ``client_footprint``)."""
-    return footprint_bytes(*client_footprint(model, input_shape, batch_size))
 
 
 def footprint_bytes(params: int, activations: int) -> int:
