@@ -22,7 +22,7 @@ import torch
 from fedsim.algorithms import build_algorithm
 from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config
-from fedsim.loop import play_round
+from fedsim.loop import play_round, reused_heap
 from fedsim.models import build_model
 from fedsim.server import Server
 
@@ -68,11 +68,12 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     results = []
-    for clients, per_client in ((10, 6000), (100, 600)):
-        n = max(1, round(per_client * args.scale))
-        for engine in ("cohort", "sequential"):
-            results.append(timed_round(engine, clients, n, device))
-            print(json.dumps(results[-1]), flush=True)
+    with reused_heap():  # as in run_experiment
+        for clients, per_client in ((10, 6000), (100, 600)):
+            n = max(1, round(per_client * args.scale))
+            for engine in ("cohort", "sequential"):
+                results.append(timed_round(engine, clients, n, device))
+                print(json.dumps(results[-1]), flush=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "scale": args.scale, "results": results}
     for pair in (results[0:2], results[2:4]):

@@ -3,7 +3,10 @@ experiment around them (methods × seeds, checkpoints, resume), in one process o
 round's clients shared over the ranks of a process group (``fedsim.distributed``)."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import os
@@ -236,6 +239,41 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // (2 * ranks)))
 
 
+@contextlib.contextmanager
+def reused_heap():
+    """Within the block, glibc's ``malloc`` keeps freed memory for reuse instead of handing it
+    back to the OS (``mallopt``: blocks up to 32 MiB come from the heap, whose top is trimmed
+    only past 1 GiB free); at its end ``malloc_trim(0)`` hands back what is free. A training
+    step frees and allocates the same few MB of activations and gradients every time, and
+    under glibc's adaptive defaults each step gave them back and took them again as fresh
+    zeroed pages (digits MLP, 10 clients, 30 rounds: 16,000 page faults and about a fifth of
+    the CPU time). The thresholds stay fixed for the process afterwards. Nothing happens
+    where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's glibc, or ``None`` (another C library, or none to be found)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
                    comm: Collective | None = None) -> list[dict[str, Any]]:
     """Run every method for every seed (same data and seeds for every method); return the
@@ -285,8 +323,9 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
         write_metrics(run_dir, rows)
 
     data, data_seed = None, None
-    with tqdm(total=len(jobs) * config.rounds, initial=first * config.rounds + start_round - 1,
-              disable=not (progress and main), unit="round", dynamic_ncols=True) as bar:
+    bar = tqdm(total=len(jobs) * config.rounds, initial=first * config.rounds + start_round - 1,
+               disable=not (progress and main), unit="round", dynamic_ncols=True)
+    with reused_heap(), bar:
         for job in range(first, len(jobs)):
             seed, method = jobs[job]
             if data_seed != seed:

@@ -1,6 +1,8 @@
-"""The simulation loop: FedAvg ≡ FedGMA at τ = 0, a tiny end-to-end run, local SGD, and an
-in-process save/restore that continues exactly."""
+"""The simulation loop: FedAvg ≡ FedGMA at τ = 0, a tiny end-to-end run, local SGD, an
+in-process save/restore that continues exactly, and a heap that keeps freed memory."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from fedsim.algorithms import Round
 from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config
-from fedsim.loop import Simulation, load_data, run_experiment
+from fedsim.loop import Simulation, _glibc, load_data, run_experiment
 from fedsim.models import build_model
 from fedsim.report import COLUMNS
 from fedsim.server import Server
@@ -169,3 +171,43 @@ def test_a_diverging_run_stops_with_the_model_before_and_the_others_go_on(tmp_pa
     assert all(torch.isfinite(t).all() for t in init.values())
     assert summarize(rows)["fedgma"]["test_acc"]["per_seed"] == {0: rows[1]["test_acc"]}
     assert run_experiment(config, tmp_path, resume=True, progress=False) == rows
+
+
+_FAULTS_OF_FIVE_ROUNDS = """
+import resource, sys
+import torch
+from fedsim.config import Config
+from fedsim.loop import Simulation, load_data, reused_heap
+torch.set_num_threads(1)
+config = Config(dataset="digits", model="mlp", num_clients=10, clients_per_round=10, rounds=8,
+                split="shards", seeds=(0,), algorithms=("fedavg",), engine="cohort")
+sim = Simulation(config, load_data(config, 0), "fedavg", 0)
+
+def faults():
+    sim.round()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        sim.round()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+if sys.argv[1] == "reused":
+    with reused_heap():
+        print(faults())
+else:
+    print(faults())
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="reused_heap acts on glibc's malloc only")
+def test_training_rounds_reuse_freed_memory_instead_of_faulting_in_fresh_pages(cli):
+    """Under glibc's adaptive defaults a cohort step hands its freed activations back to the
+    OS and faults them in again; in ``reused_heap`` (where ``run_experiment`` trains) the
+    rounds after the first take a small fraction of those page faults. Each case in a fresh
+    process: the settings stay for the process."""
+    counts = {}
+    for case in ("default", "reused"):
+        env = cli("fedsim.run")[1]  # the environment that finds this checkout
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_FIVE_ROUNDS, case], env=env,
+                             capture_output=True, text=True, check=True)
+        counts[case] = int(out.stdout.split()[-1])
+    assert counts["reused"] * 4 < counts["default"], counts
