@@ -2,7 +2,8 @@
 
 With no setting at all it compares FedAvg and FedGMA on colored digits split non-IID (shards),
 each at the server step the selection protocol chose on validation (``DEFAULT_COMPARISON``);
-any setting given starts from the plain defaults instead.
+so does a run given only settings of where and how it runs (``PLACEMENT``: ``--out-dir``,
+``--threads``, ``--device``...). Any other setting starts from the plain defaults instead.
 Every ``Config`` field is a flag (``--local-epochs 3``; lists comma-separated: ``--seeds 0,1``)
 and a TOML key (``--config run.toml``); flags win over the file.
 
@@ -42,6 +43,11 @@ ALIASES = {"algorithms": ("--compare", "--algorithm")}
 #: 1, is the default): ``python -m fedsim.sweep --grid server_lr=0.5,1,2 --grid
 #: gma_tau=0.2,0.4,0.6 --seeds 0,1,2,3,4``, benchmarks/results/recipes/default-choice/
 DEFAULT_COMPARISON = {"gma_server_lr": 2.0, "gma_tau": 0.2}
+#: settings of where and how a run goes, not of what it computes: given alone, they keep the
+#: default comparison
+PLACEMENT = frozenset({"data_dir", "download", "engine", "cohort_size", "eval_every",
+                       "checkpoint_every", "checkpoint_seconds", "device", "deterministic",
+                       "threads", "out_dir", "name"})
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -58,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate federated learning through gma_kernels. With no setting at all: "
                     "FedAvg against FedGMA on colored digits split non-IID (shards), each at "
                     "the server step the selection protocol chose on validation (FedAvg: "
-                    "server lr 1; FedGMA: --gma-server-lr 2 --gma-tau 0.2). Any setting given "
-                    "starts from the defaults below instead.",
+                    "server lr 1; FedGMA: --gma-server-lr 2 --gma-tau 0.2), also when only settings "
+                    "of where and how it runs are given (" + ", ".join(
+                        "--" + k.replace("_", "-") for k in sorted(PLACEMENT)) + "). Any "
+                    "other setting starts from the defaults below instead.",
         epilog="A run folder (OUT_DIR/<time>-<name>) receives config.toml, metrics.jsonl, "
                "metrics.csv, results.json, results.md, accuracy.png, one "
                "model-<algorithm>-seed<n>.pt per run, checkpoint.pt and the one before it, "
@@ -157,8 +165,9 @@ def resolve(args: argparse.Namespace,
         return Config.from_toml(config_file), args.resume
     if "config" in args:
         return Config.from_toml(args.config, **settings), None
-    if not settings:  # the default comparison
-        return Config.from_dict(DEFAULT_COMPARISON, source="the default comparison"), None
+    if not settings.keys() - PLACEMENT:  # the default comparison, wherever it runs
+        return Config.from_dict(DEFAULT_COMPARISON | settings,
+                                source="the default comparison and the command line"), None
     return Config.from_dict(settings, source="the command line"), None
 
 

@@ -106,7 +106,7 @@ def test_unknown_toml_key_exits_2(tmp_path, capsys):
     assert exit_.value.code == 2 and "unknown key(s)" in capsys.readouterr().err
 
 
-def test_the_run_without_settings_is_the_protocol_choice_and_any_setting_starts_from_defaults():
+def test_the_run_without_settings_is_the_protocol_choice_and_a_setting_starts_from_defaults():
     from fedsim.run import DEFAULT_COMPARISON, build_parser, resolve
     parser = build_parser()
     config, _ = resolve(parser.parse_args(["--quiet"]), parser)
@@ -114,6 +114,19 @@ def test_the_run_without_settings_is_the_protocol_choice_and_any_setting_starts_
     assert (config.gma_server_lr, config.gma_tau, config.server_lr) == (2.0, 0.2, 1.0)
     config, _ = resolve(parser.parse_args(["--rounds", "3"]), parser)
     assert (config.gma_server_lr, config.gma_tau) == (None, 0.4)
+
+
+def test_settings_of_where_and_how_a_run_goes_keep_the_default_comparison(tmp_path):
+    from fedsim.config import FIELD_TYPES
+    from fedsim.run import DEFAULT_COMPARISON, PLACEMENT, build_parser, resolve
+    assert PLACEMENT < FIELD_TYPES.keys()
+    parser = build_parser()
+    config, _ = resolve(parser.parse_args(["--out-dir", str(tmp_path), "--threads", "1",
+                                           "--engine", "sequential", "--name", "x"]), parser)
+    assert config == Config(**DEFAULT_COMPARISON, out_dir=str(tmp_path), threads=1,
+                            engine="sequential", name="x")
+    config, _ = resolve(parser.parse_args(["--out-dir", str(tmp_path), "--seeds", "0"]), parser)
+    assert (config.gma_server_lr, config.gma_tau, config.seeds) == (None, 0.4, (0,))
 
 
 @pytest.mark.parametrize("method, kind, lr", [("fedavg", "sgd", 1.0), ("fedgma", "sgd", 2.0),
