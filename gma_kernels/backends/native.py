@@ -10,9 +10,10 @@ that has not started (a busy machine may not run it for milliseconds), only for 
 taken. Calls of fewer than ``2 · MIN_COLUMNS_PER_THREAD`` columns run on the calling thread
 alone, as does the non-finite screen of the accumulator (``nonfinite_rows``).
 
-Guard: each tile is stepped only if all its new values (params and state) are finite, after
-its old values went to a scratch backup (up to 3N floats, kept between calls of one size); when
-a tile fails, the stepped tiles are put back, so params and state end as they were.
+Guard: each tile's old values (params and state) go to a scratch backup (up to 3N floats, kept
+between calls of one size, written past the caches), then the tile is stepped in place; a tile
+with a non-finite new value is put back from it and stops its chunk, and the tiles stepped
+before it are put back too, so params and state end as they were.
 
 ``usable()`` is False when the library was not built or could not be loaded, or with
 ``ENABLED`` False (the environment variable ``GMA_KERNELS_NATIVE=0`` at import): the dispatcher

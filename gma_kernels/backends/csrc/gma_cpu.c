@@ -20,6 +20,9 @@
 #include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #ifndef TILE
 #define TILE 8192
@@ -75,7 +78,7 @@ static inline float sign_float(float x) {
 #define DEFINE_FOLD(NAME, LOAD)                                                                  \
     MULTIVERSION                                                                               \
     static void NAME(const void *const *rows, int64_t k0, int r, int64_t start, int len,         \
-                     const float *w, const float *a, float *restrict total,                    \
+                     const float *w, const float *a, int fresh, float *restrict total,         \
                      float *restrict fcount, int32_t *restrict icount) {                       \
         const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],       \
                    *r3 = rows[k0 + 3 * (r > 1)];                                               \
@@ -84,14 +87,14 @@ static inline float sign_float(float x) {
             float a0 = a[k0];                                                                  \
             for (int j = 0; j < len; ++j) {                                                    \
                 float x0 = LOAD(r0, start + j);                                                \
-                total[j] += w0 * x0;                                                           \
-                fcount[j] += a0 * sign_float(x0);                                              \
+                total[j] = (fresh ? 0.0f : total[j]) + w0 * x0;                                \
+                fcount[j] = (fresh ? 0.0f : fcount[j]) + a0 * sign_float(x0);                  \
             }                                                                                  \
         } else if (r == 1) {                                                                   \
             for (int j = 0; j < len; ++j) {                                                    \
                 float x0 = LOAD(r0, start + j);                                                \
-                total[j] += w0 * x0;                                                           \
-                icount[j] += sign_int(x0);                                                     \
+                total[j] = (fresh ? 0.0f : total[j]) + w0 * x0;                                \
+                icount[j] = (fresh ? 0 : icount[j]) + sign_int(x0);                            \
             }                                                                                  \
         } else if (a) {                                                                        \
             float w1 = w[k0 + 1], w2 = w[k0 + 2], w3 = w[k0 + 3];                              \
@@ -99,8 +102,9 @@ static inline float sign_float(float x) {
             for (int j = 0; j < len; ++j) {                                                    \
                 float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                      \
                 float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                      \
-                total[j] = (((total[j] + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3;             \
-                fcount[j] = (((fcount[j] + a0 * sign_float(x0)) + a1 * sign_float(x1))         \
+                total[j] = ((((fresh ? 0.0f : total[j]) + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3; \
+                fcount[j] = ((((fresh ? 0.0f : fcount[j]) + a0 * sign_float(x0))               \
+                              + a1 * sign_float(x1))                                       \
                              + a2 * sign_float(x2)) + a3 * sign_float(x3);                     \
             }                                                                                  \
         } else {                                                                               \
@@ -108,8 +112,9 @@ static inline float sign_float(float x) {
             for (int j = 0; j < len; ++j) {                                                    \
                 float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                      \
                 float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                      \
-                total[j] = (((total[j] + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3;             \
-                icount[j] += sign_int(x0) + sign_int(x1) + sign_int(x2) + sign_int(x3);        \
+                total[j] = ((((fresh ? 0.0f : total[j]) + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3; \
+                icount[j] = (fresh ? 0 : icount[j])                                            \
+                            + (sign_int(x0) + sign_int(x1) + sign_int(x2) + sign_int(x3));     \
             }                                                                                  \
         }                                                                                      \
     }
@@ -137,7 +142,8 @@ DEFINE_FOLD(fold_f16, load_f16)
 
 __attribute__((target("avx512f"))) static void fold_f16_avx512(
         const void *const *rows, int64_t k0, int r, int64_t start, int len, const float *w,
-        const float *a, float *restrict total, float *restrict fcount, int32_t *restrict icount) {
+        const float *a, int fresh, float *restrict total, float *restrict fcount,
+        int32_t *restrict icount) {
     const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],
                *r3 = rows[k0 + 3 * (r > 1)];
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
@@ -146,16 +152,16 @@ __attribute__((target("avx512f"))) static void fold_f16_avx512(
                  w2 = _mm512_set1_ps(w[k0 + 2 * (r > 1)]), w3 = _mm512_set1_ps(w[k0 + 3 * (r > 1)]);
     int j = 0;
     for (; j + 16 <= len; j += 16) {
-        __m512 x0 = H16(r0), s = _mm512_loadu_ps(total + j);
+        __m512 x0 = H16(r0), s = fresh ? zero : _mm512_loadu_ps(total + j);
         ADD_MUL(s, w0, x0);
         if (r == 1) {
             _mm512_storeu_ps(total + j, s);
             if (a) {
-                __m512 f = _mm512_loadu_ps(fcount + j);
+                __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);
                 ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));
                 _mm512_storeu_ps(fcount + j, f);
             } else {
-                __m512i c = _mm512_loadu_si512(icount + j);
+                __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j);
                 SIGN_I(c, x0);
                 _mm512_storeu_si512(icount + j, c);
             }
@@ -167,14 +173,14 @@ __attribute__((target("avx512f"))) static void fold_f16_avx512(
         ADD_MUL(s, w3, x3);
         _mm512_storeu_ps(total + j, s);
         if (a) {
-            __m512 f = _mm512_loadu_ps(fcount + j);
+            __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);
             ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));
             ADD_MUL(f, _mm512_set1_ps(a[k0 + 1]), SIGN_F(x1));
             ADD_MUL(f, _mm512_set1_ps(a[k0 + 2]), SIGN_F(x2));
             ADD_MUL(f, _mm512_set1_ps(a[k0 + 3]), SIGN_F(x3));
             _mm512_storeu_ps(fcount + j, f);
         } else {
-            __m512i c = _mm512_loadu_si512(icount + j);
+            __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j);
             SIGN_I(c, x0);
             SIGN_I(c, x1);
             SIGN_I(c, x2);
@@ -183,7 +189,7 @@ __attribute__((target("avx512f"))) static void fold_f16_avx512(
         }
     }
     if (j < len)
-        fold_f16(rows, k0, r, start + j, len - j, w, a, total + j, fcount + j, icount + j);
+        fold_f16(rows, k0, r, start + j, len - j, w, a, fresh, total + j, fcount + j, icount + j);
 }
 
 static int have_avx512(void) {
@@ -225,23 +231,54 @@ static inline float finish_column(const float *total, float *fcount, const int32
     return m;
 }
 
+/* LANES columns as one vector of GCC's vector extensions: the same lane arithmetic in every
+ * instruction-set clone (one zmm register, two ymm or four xmm). */
+typedef float vfloat __attribute__((vector_size(4 * LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES)));
+
+static inline vfloat load_v(const float *p) { vfloat v; memcpy(&v, p, sizeof v); return v; }
+static inline vint load_vi(const int32_t *p) { vint v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_v(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
 MULTIVERSION
 static void finish_tile(const float *restrict total, float *restrict fcount,
                         const int32_t *restrict icount, int weighted, int len, float threshold,
                         float scale, int hard, float *restrict g, float *restrict a_out,
                         float *restrict m_out, double *restrict sums) {
+    const vint one_bits = (vint){0} + (int32_t)0x3f800000, abs_bits = (vint){0} + 0x7fffffff;
+    const vfloat zero = {0}, max_finite = zero + 3.4028234663852886e38f;
     for (int lo = 0; lo < len; lo += SUM_RUN) {
         int hi = len - lo < SUM_RUN ? len : lo + SUM_RUN;
-        float mask_sum[LANES] = {0}, agree_sum[LANES] = {0}, bad[LANES] = {0};
+        vfloat mask_v = zero, agree_v = zero, bad_v = zero;
         int j = lo;
-        for (; j + LANES <= hi; j += LANES)
-            for (int l = 0; l < LANES; ++l) {
-                float agree, nonfinite;
-                mask_sum[l] += finish_column(total, fcount, icount, weighted, j + l, threshold,
-                                             scale, hard, g, m_out, &agree, &nonfinite);
-                agree_sum[l] += agree;
-                bad[l] += nonfinite;
+        for (; j + LANES <= hi; j += LANES) {   /* finish_column, LANES columns at a time */
+            vfloat score;
+            if (weighted) {
+                score = (vfloat)((vint)load_v(fcount + j) & abs_bits);
+            } else {
+                vint c = load_vi(icount + j), sign = c >> 31;
+                score = __builtin_convertvector((c ^ sign) - sign, vfloat);
             }
+            vfloat agree = score * scale, s = load_v(total + j);
+            vint keep = score >= threshold;
+            vint other = hard ? (vint){0} : (vint)agree;
+            vfloat m = (vfloat)((keep & one_bits) | (~keep & other));
+            vint finite = (vfloat)((vint)s & abs_bits) <= max_finite;
+            bad_v += (vfloat)(~finite & one_bits);
+            store_v(fcount + j, agree);
+            if (m_out) {
+                store_v(m_out + j, m);
+                store_v(g + j, s);
+            } else {
+                store_v(g + j, m * s);
+            }
+            mask_v += m;
+            agree_v += agree;
+        }
+        float mask_sum[LANES], agree_sum[LANES], bad[LANES];
+        store_v(mask_sum, mask_v);
+        store_v(agree_sum, agree_v);
+        store_v(bad, bad_v);
         for (int l = 0; j < hi; ++j, ++l) {
             float agree, nonfinite;
             mask_sum[l] += finish_column(total, fcount, icount, weighted, j, threshold, scale,
@@ -262,22 +299,24 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
 }
 
+/* Fold every client into the run's sums; with fresh the sums start at zero (they are not read),
+ * else the clients are added to them. */
 static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, int64_t start,
-                     int len, const float *w, const float *a, float *total, float *fcount,
-                     int32_t *icount) {
+                     int len, const float *w, const float *a, int fresh, float *total,
+                     float *fcount, int32_t *icount) {
     for (int64_t k = 0; k < num_clients;) {
-        int r = num_clients - k >= 4 ? 4 : 1;
+        int r = num_clients - k >= 4 ? 4 : 1, first = fresh && k == 0;
         if (dtype == 0)
-            fold_f32(rows, k, r, start, len, w, a, total, fcount, icount);
+            fold_f32(rows, k, r, start, len, w, a, first, total, fcount, icount);
         else if (dtype == 1)
-            fold_bf16(rows, k, r, start, len, w, a, total, fcount, icount);
+            fold_bf16(rows, k, r, start, len, w, a, first, total, fcount, icount);
         else if (dtype == 2) {
 #ifdef HAVE_FOLD_F16_AVX512
             if (have_avx512())
-                fold_f16_avx512(rows, k, r, start, len, w, a, total, fcount, icount);
+                fold_f16_avx512(rows, k, r, start, len, w, a, first, total, fcount, icount);
             else
 #endif
-                fold_f16(rows, k, r, start, len, w, a, total, fcount, icount);
+                fold_f16(rows, k, r, start, len, w, a, first, total, fcount, icount);
         }
         else
             return -1;
@@ -300,65 +339,79 @@ typedef struct {
 
 static inline int finite_f(float x) { return fabsf(x) <= 3.4028234663852886e38f; }
 
-/* One tile of the step on x (and mask, may be NULL). The new w and states are computed first;
- * with guard nothing is written unless all are finite (returns 1 then). When backup is given,
- * the old w, s1, s2 first go to backup[0], backup[1], backup[2] (the tile's offset applied).
- * One branch-free loop per kind, so each vectorizes. */
+/* dst = src (n floats) with stores that bypass the caches where the CPU has them (x86-64, both
+ * 16-byte aligned): the guard's backup is written once and read back only after a failed step,
+ * so the cache lines it would fetch before writing them and the data it would evict are waste. */
+static void copy_uncached(float *restrict dst, const float *restrict src, size_t n) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    if ((((uintptr_t)dst | (uintptr_t)src) & 15) == 0) {
+        size_t j = 0;
+        for (; j + 4 <= n; j += 4) _mm_stream_ps(dst + j, _mm_load_ps(src + j));
+        for (; j < n; ++j) dst[j] = src[j];
+        _mm_sfence();
+        return;
+    }
+#endif
+    memcpy(dst, src, n * sizeof(float));
+}
+
+/* One tile of the step on x (and mask, may be NULL), in place. With guard, the old w, s1, s2
+ * first go to save[0], save[1], save[2] (the backups, or the tile's own buffers) and are put
+ * back when a new value is not finite (returns 1 then): the tile ends as it was. One
+ * branch-free loop per kind, so each vectorizes (the flag of non-finite values is an integer
+ * OR, which vectorizes; a float count is a chain of dependent additions that does not). */
 MULTIVERSION
 static int step_tile(const Step *st, int len, const float *restrict x, const float *restrict mask,
                      float *restrict w, float *restrict s1, float *restrict s2, int guard,
-                     float *const *backup, float *restrict nw, float *restrict n1,
-                     float *restrict n2) {
-    float bad = 0.0f;
+                     float *const *save) {
     const int kind = st->kind;
     const float mom = st->momentum, b1 = st->beta1, c1 = st->one_minus_beta1;
     const float b2 = st->beta2, c2 = st->one_minus_beta2, eps = st->eps, lr = st->lr;
-    if (kind == 2) {
-        for (int j = 0; j < len; ++j) {
-            n1[j] = s1[j] * mom + x[j];
-            bad += finite_f(n1[j]) ? 0.0f : 1.0f;
-        }
-    } else if (kind >= 3) {
-        for (int j = 0; j < len; ++j) {
-            float sq = x[j] * x[j];
-            n1[j] = s1[j] * b1 + x[j] * c1;
-            if (kind == 3)
-                n2[j] = s2[j] * b2 + sq * c2;
-            else if (kind == 4)
-                n2[j] = s2[j] - (c2 * sq) * sign_float(s2[j] - sq);
-            else
-                n2[j] = s2[j] + sq;
-            nw[j] = n1[j] / (sqrtf(n2[j]) + eps);   /* the direction, for now */
-            bad += (finite_f(n1[j]) ? 0.0f : 1.0f) + (finite_f(n2[j]) ? 0.0f : 1.0f);
-        }
+    const size_t bytes = (size_t)len * sizeof(float);
+    if (guard) {
+        copy_uncached(save[0], w, (size_t)len);
+        if (kind >= 2) copy_uncached(save[1], s1, (size_t)len);
+        if (kind >= 3) copy_uncached(save[2], s2, (size_t)len);
     }
-    const float *d = kind == 1 ? x : kind == 2 ? n1 : nw;
-    if (mask) {
-        for (int j = 0; j < len; ++j) nw[j] = d[j] * mask[j];
-        d = nw;
-    }
-    if (d == nw) {
+    int bad = 0;
+    if (kind == 1) {
         for (int j = 0; j < len; ++j) {
-            nw[j] = w[j] + lr * nw[j];
-            bad += finite_f(nw[j]) ? 0.0f : 1.0f;
+            float d = mask ? x[j] * mask[j] : x[j];
+            w[j] = w[j] + lr * d;
+            bad |= !finite_f(w[j]);
+        }
+    } else if (kind == 2) {
+        for (int j = 0; j < len; ++j) {
+            float v = s1[j] * mom + x[j];
+            float d = mask ? v * mask[j] : v;
+            s1[j] = v;
+            w[j] = w[j] + lr * d;
+            bad |= !finite_f(v) | !finite_f(w[j]);
         }
     } else {
-        for (int j = 0; j < len; ++j) {
-            nw[j] = w[j] + lr * d[j];
-            bad += finite_f(nw[j]) ? 0.0f : 1.0f;
+#define ADAPTIVE_LOOP(NEW_V)                                                                      \
+        for (int j = 0; j < len; ++j) {                                                        \
+            float sq = x[j] * x[j], m1 = s1[j] * b1 + x[j] * c1, v2 = (NEW_V);                  \
+            float d = m1 / (sqrtf(v2) + eps);                                                  \
+            d = mask ? d * mask[j] : d;                                                        \
+            s1[j] = m1;                                                                        \
+            s2[j] = v2;                                                                        \
+            w[j] = w[j] + lr * d;                                                              \
+            bad |= !finite_f(m1) | !finite_f(v2) | !finite_f(w[j]);                            \
         }
+        if (kind == 3)
+            ADAPTIVE_LOOP(s2[j] * b2 + sq * c2)
+        else if (kind == 4)
+            ADAPTIVE_LOOP(s2[j] - (c2 * sq) * sign_float(s2[j] - sq))
+        else
+            ADAPTIVE_LOOP(s2[j] + sq)
+#undef ADAPTIVE_LOOP
     }
-    if (guard && bad > 0.0f) return 1;
-    size_t bytes = (size_t)len * sizeof(float);
-    if (backup) {
-        memcpy(backup[0], w, bytes);
-        if (kind >= 2) memcpy(backup[1], s1, bytes);
-        if (kind >= 3) memcpy(backup[2], s2, bytes);
-    }
-    memcpy(w, nw, bytes);
-    if (kind >= 2) memcpy(s1, n1, bytes);
-    if (kind >= 3) memcpy(s2, n2, bytes);
-    return 0;
+    if (!guard || !bad) return 0;
+    memcpy(w, save[0], bytes);
+    if (kind >= 2) memcpy(s1, save[1], bytes);
+    if (kind >= 3) memcpy(s2, save[2], bytes);
+    return 1;
 }
 
 /* The step's arrays: params, its two states and their three backups (NULL where unused). */
@@ -367,7 +420,7 @@ typedef struct {
 } StepArrays;
 
 /* A tile's buffers, on the heap (a thread's stack may be small): 5 arrays of TILE floats. */
-enum { GTILE, MTILE, NEW_W, NEW_S1, NEW_S2, BUFFERS };
+enum { GTILE, MTILE, SAVE_W, SAVE_S1, SAVE_S2, BUFFERS };
 
 /* The calling thread's scratch space of at least `floats` floats, kept between calls (a fresh
  * allocation of this size each call is returned to the system and faulted in again, which
@@ -406,11 +459,11 @@ static float *workspace(size_t floats) {
 
 static int step_range(const Step *st, const StepArrays *arr, int64_t start, int len,
                       const float *x, const float *mask, int guard, float *work) {
-    float *backup[3] = {arr->bw ? arr->bw + start : NULL, arr->bs1 ? arr->bs1 + start : NULL,
-                        arr->bs2 ? arr->bs2 + start : NULL};
+    float *backup[3] = {arr->bw ? arr->bw + start : work + SAVE_W * TILE,
+                        arr->bs1 ? arr->bs1 + start : work + SAVE_S1 * TILE,
+                        arr->bs2 ? arr->bs2 + start : work + SAVE_S2 * TILE};
     return step_tile(st, len, x, mask, arr->w + start, arr->s1 ? arr->s1 + start : NULL,
-                     arr->s2 ? arr->s2 + start : NULL, guard, arr->bw ? backup : NULL,
-                     work + NEW_W * TILE, work + NEW_S1 * TILE, work + NEW_S2 * TILE);
+                     arr->s2 ? arr->s2 + start : NULL, guard, backup);
 }
 
 /* dtype: 0 = float32, 1 = bfloat16, 2 = float16. rows[k] points at element 0 of client k's update.
@@ -434,10 +487,7 @@ int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, i
     int code = 0;
     for (int64_t start = lo; start < hi && code == 0; start += FOLD_TILE) {
         int len = (int)(hi - start < FOLD_TILE ? hi - start : FOLD_TILE);
-        memset(total, 0, sizeof(float) * len);
-        memset(fcount, 0, sizeof(float) * len);
-        memset(icount, 0, sizeof(int32_t) * len);
-        if (fold_tile(rows, dtype, num_clients, start, len, mean_w, agree_w, total, fcount,
+        if (fold_tile(rows, dtype, num_clients, start, len, mean_w, agree_w, 1, total, fcount,
                       icount)) {
             code = -1;
             break;
@@ -520,7 +570,7 @@ int gma_cpu_fold(const void *const *rows, int dtype, int64_t num_clients, int64_
         int len = (int)(hi - start < FOLD_TILE ? hi - start : FOLD_TILE);
         memcpy(fcount, C + start, (size_t)len * sizeof(float));
         memset(icount, 0, sizeof(int32_t) * len);
-        if (fold_tile(rows, dtype, num_clients, start, len, w, agree_w, S + start, fcount,
+        if (fold_tile(rows, dtype, num_clients, start, len, w, agree_w, 0, S + start, fcount,
                       icount)) {
             code = -1;
             break;

@@ -269,6 +269,31 @@ def test_fused_sgd_step_is_undone_when_a_late_tile_fails(where, poison, many_thr
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["momentum", "adam", "yogi", "adagrad"])
+@pytest.mark.parametrize("where", ["mid-tile of thread 2", "last column"])
+def test_fused_step_with_state_is_undone_when_a_tile_fails(kind, where, many_threads):
+    """The C step writes each tile in place after saving it; a tile with a non-finite new value
+    is put back from its save, and the tiles stepped before it on every thread from the
+    backups: params and both states end bit for bit as they were."""
+    k, n = 5, 3 * 20011
+    j = {"mid-tile of thread 2": n // 3 + 700, "last column": n - 1}[where]
+    gen = torch.Generator().manual_seed(len(kind) + j)
+    params = torch.randn(n, generator=gen)
+    opt = gk.ServerOptimizer(params, kind, lr=0.3, tau=0.3, backend="torch")
+    opt.step(torch.randn(k, n, generator=gen))  # non-zero state
+    before = [params.clone(), *(s.clone() for s in opt.states)]
+    updates = torch.randn(k, n, generator=gen)
+    updates[:, j] = 1e20 if kind != "momentum" else 3e38  # finite; g², or v·β + g, overflows
+    if kind == "momentum":
+        opt.step(updates)  # v_j = 3e38 so far, finite
+        before = [params.clone(), *(s.clone() for s in opt.states)]
+    with pytest.raises(gk.NonFiniteError):
+        opt.step(updates)
+    for after, saved in zip([params, *opt.states], before):
+        assert torch.equal(after, saved)
+
+
+@needs_native
 @pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "yogi", "adagrad"])
 @pytest.mark.parametrize("placement", ["before", "after"])
 def test_native_step_equals_torch_ops_bit_for_bit(kind, placement, many_threads, monkeypatch):
