@@ -7,6 +7,8 @@
 * **Mask** from the signed count (``mask_from_count``): ``A = |count| · scale``; ``m = 1``
   where ``|count| ≥ threshold``, else ``A`` (soft) or 0 (hard). The Triton kernel and the C
   kernel compute the same two lines in registers, from the same threshold and scale.
+* **Streaming result** from the accumulated ``S = Σ p_k Δ_k`` and ``C = Σ a_k sign(Δ_k)``
+  (``streaming_result``): the mean ``S / Σp`` and the mask from ``C`` (``C / Σp`` weighted).
 * **Server step** on a known ``g`` (``step_values``, ``apply_step``): sgd ``w += η g``;
   momentum ``v = β v + g, w += η v``; adam/yogi/adagrad ``m = β1 m + (1−β1) g``,
   ``v = β2 v + (1−β2) g²`` / ``v − (1−β2) g² sign(v − g²)`` / ``v + g²``,
@@ -72,6 +74,18 @@ def mask_from_count(count: Tensor, threshold: float, scale: float, hard: bool
     keep = score >= threshold
     agree = score.mul_(scale) if scale != 1.0 else score
     return (keep.to(torch.float32) if hard else torch.where(keep, 1.0, agree)), agree
+
+
+def streaming_result(total: Tensor, count: Tensor, weight_sum: float, threshold: float,
+                     scale: float, hard: bool, weighted: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """(mean ``S/Σp``, mask ``m`` from ``C`` — ``C/Σp`` when ``weighted`` — both new buffers,
+    ``[[Σ m, Σ A]]`` float32, whether the mean is finite) from the sums ``S = total`` and
+    ``C = count``, which are only read."""
+    m, agree = mask_from_count(count / weight_sum if weighted else count.clone(), threshold,
+                               scale, hard)
+    mean = total / weight_sum
+    return mean, m, torch.stack((m.sum(), agree.sum()))[None], bool(torch.isfinite(mean).all())
 
 
 def step_values(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,

@@ -19,7 +19,7 @@ from .batch import ClientBatch, Updates, Weights, make_batch
 from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFiniteError,
                      NonFinitePolicy, _check_choice, as_count, as_number, check_bool)
 from .dispatch import resolve_backend, screen_nonfinite
-from .formula import mask_from_count, mask_threshold
+from .formula import mask_threshold
 
 
 class Accumulator:
@@ -113,13 +113,11 @@ class Accumulator:
         if weight_sum <= 0:
             raise ValueError("the accumulated weights sum to zero")
         threshold, scale = mask_threshold(config, k)
-        # a copy: mask_from_count may work in place, and the sums must survive finalize
-        count = self.count / weight_sum if config.weighted_agreement else self.count.clone()
-        m, agree = mask_from_count(count, threshold, scale, config.mask == "hard")
-        mean = self.total / weight_sum
-        stats = GMAStats(torch.stack((m.sum(), agree.sum()))[None], self.numel, k,
-                         tuple(self.dropped))
-        if not bool(torch.isfinite(mean).all()):
+        impl = resolve_backend(self.backend, self.buffer.device)
+        mean, m, sums, finite = impl.finish(self.total, self.count, weight_sum, threshold, scale,
+                                            config.mask == "hard", config.weighted_agreement)
+        stats = GMAStats(sums, self.numel, k, tuple(self.dropped))
+        if not finite:
             raise NonFiniteError("the accumulated sum overflowed float32")
         if config.rescale:
             m.mul_(1.0 / (stats.density + 1e-12))

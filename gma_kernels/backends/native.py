@@ -75,7 +75,10 @@ def _library() -> ctypes.CDLL | None:
             lib.gma_cpu_step.argtypes = head + [p, p] + step
             lib.gma_cpu_fold.argtypes = head + [p, p]
             lib.gma_cpu_nonfinite.argtypes = head + [p]
-            for fn in ("gma_cpu_aggregate", "gma_cpu_step", "gma_cpu_fold", "gma_cpu_nonfinite"):
+            lib.gma_cpu_finish.argtypes = head + [p, p, c_float, c_int, c_float, c_float, c_int,
+                                                  p, p, p]
+            for fn in ("gma_cpu_aggregate", "gma_cpu_step", "gma_cpu_fold", "gma_cpu_nonfinite",
+                       "gma_cpu_finish"):
                 getattr(lib, fn).restype = c_int
             return lib
     return None
@@ -299,3 +302,16 @@ def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> No
     weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1)."""
     _over_columns(_library().gma_cpu_fold, batch, batch.numel, batch.weights,
                   batch.weights if weighted else None, total.data_ptr(), count.data_ptr())
+
+
+def finish(total: Tensor, count: Tensor, weight_sum: float, threshold: float, scale: float,
+           hard: bool, weighted: bool) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """``formula.streaming_result`` in one pass in C: (mean ``S/Σp``, mask ``m``,
+    ``[[Σ m, Σ A]]``, whether the mean is finite); ``total`` and ``count`` are only read."""
+    mean, m = torch.empty_like(total), torch.empty_like(total)
+    _, _, partial = _over_columns(
+        _library().gma_cpu_finish, None, total.numel(), (), None, total.data_ptr(),
+        count.data_ptr(), float(weight_sum), int(weighted), float(threshold), float(scale),
+        int(hard), mean.data_ptr(), m.data_ptr(), sums=3)
+    mask_sum, agreement_sum, bad = partial.sum(0)
+    return mean, m, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32), bad == 0

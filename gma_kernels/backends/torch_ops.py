@@ -10,7 +10,8 @@ is known to be finite, so a guarded job never touches ``params`` or the optimize
 input.
 
 Entry points, as every backend has them: ``run(job)`` (aggregate and step), ``step`` (a step on
-a known ``g``), ``fold`` (the streaming accumulator's sums) and ``nonfinite_rows``.
+a known ``g``), ``fold`` (the streaming accumulator's sums), ``finish`` (its result) and
+``nonfinite_rows``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..batch import ClientBatch
-from ..formula import apply_step, mask_from_count, mask_threshold
+from ..formula import apply_step, mask_from_count, mask_threshold, streaming_result
 from ..job import Job, Outcome
 
 CPU_CHUNK_BYTES = 1 << 22
@@ -26,6 +27,7 @@ DEVICE_CHUNK_BYTES = 1 << 28
 MASK_BLOCK = 1 << 17  # coordinates masked together (the per-coordinate ops run on this block)
 
 step = apply_step
+finish = streaming_result
 
 
 def chunk_length(batch: ClientBatch) -> int:
@@ -126,3 +128,4 @@ def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> No
     for row, p in zip(batch.rows, batch.weights):
         total.add_(row, alpha=p)
         count.add_(torch.sign(row), alpha=p if weighted else 1.0)
+

@@ -384,3 +384,35 @@ def test_chunk_out_of_memory_is_retried_or_leaves_params_unchanged(kind, times, 
         opt.step(updates, w)
     assert torch.equal(opt.params, before)
     assert all(not s.any() for s in opt.states)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 8191, 70001])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("hard", [False, True])
+def test_native_streaming_result_equals_the_formula(n, weighted, hard, many_threads):
+    """The accumulator's result in C (``native.finish``) against ``formula.streaming_result``
+    on fresh sums of awkward sizes: the same mean and mask (bit for bit unweighted; the
+    weighted score within float32 rounding of τ may fall either side), statistics to float32
+    rounding, the sums left as they were, and a non-finite mean reported."""
+    from gma_kernels.formula import streaming_result
+    gen = torch.Generator().manual_seed(n + 2 * weighted + hard)
+    k, weight_sum = 7, 3.7
+    total = torch.randn(n, generator=gen)
+    count = torch.randint(-k, k + 1, (n,), generator=gen).float()
+    if weighted:
+        count = count * 0.53
+    threshold, scale = (3.0, 1 / k) if not weighted else (0.4, 1.0)
+    before = total.clone(), count.clone()
+    mean, m, sums, finite = _native.finish(total, count, weight_sum, threshold, scale, hard,
+                                           weighted)
+    e_mean, e_m, e_sums, e_finite = streaming_result(total, count, weight_sum, threshold, scale,
+                                                     hard, weighted)
+    assert torch.equal(total, before[0]) and torch.equal(count, before[1])
+    assert torch.equal(mean, e_mean) and finite and e_finite
+    near = ((count.abs() / (weight_sum if weighted else 1.0)) - threshold).abs() < 1e-5
+    assert torch.equal(m[~near], e_m[~near])
+    assert 0 < int((m == 1).sum()) < n or n == 1  # both sides of the threshold are tested
+    torch.testing.assert_close(sums, e_sums, rtol=1e-5, atol=1e-3)
+    total[n // 2] = float("inf")
+    assert not _native.finish(total, count, weight_sum, threshold, scale, hard, weighted)[3]
