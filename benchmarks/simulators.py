@@ -10,7 +10,8 @@ one torch thread; the final global model is evaluated on the same test set.
 * ``pfl``: Apple's pfl-research (``pip install pfl``), ``benchmarks/_pfl_runner.py``;
 * ``flower``: Flower's ``run_simulation`` (Ray backend), experiment (a) only (``--flower``);
 * ``floor``: the compute floor, one forward and backward pass of the model over all of a
-  round's examples in batches of 1024, times the rounds: no engine does less work on a CPU.
+  round's examples in batches of 1024, times the rounds: no engine does less work on a CPU
+  (timed in every repeat beside the others, so its median sees the same machine).
 
 Experiments: (a) ``digits-mlp``: 10 clients, all every round, MLP, 30 rounds; (b)
 ``digits-mlp-100``: 100 clients, 10 a round, 50 rounds; (c) ``digits-cnn``: (a) with the CNN;
@@ -171,7 +172,8 @@ def main() -> None:
                       "fedsim-sequential": lambda s=settings: run_fedsim(s, "sequential")}
         if not args.no_pfl and name != "default":
             contenders["pfl"] = lambda s=settings: run_pfl_experiment(s)
-        results = {"floor": compute_floor(settings)}
+        contenders["floor"] = lambda s=settings: compute_floor(s)  # timed with the others
+        results = {}
         for run in contenders.values():
             run()  # warm-up, untimed: imports, first calls, the digits file
             torch.set_num_threads(1)
@@ -182,8 +184,8 @@ def main() -> None:
         if args.flower and name == "digits-mlp":  # one run (about 20 s), after the others:
             results["flower"] = {"runs": [run_flower(settings)]}  # Ray's workers linger
         for who, entry in results.items():
+            entry["seconds"] = statistics.median(r["seconds"] for r in entry["runs"])
             if who != "floor":
-                entry["seconds"] = statistics.median(r["seconds"] for r in entry["runs"])
                 entry["test_acc"] = entry["runs"][-1]["test_acc"]
         cohort = results["fedsim-cohort"]["seconds"]
         summary = {f"{who}_s": round(e["seconds"], 3) for who, e in results.items()}
