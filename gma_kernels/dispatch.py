@@ -8,7 +8,8 @@ Triton kernel (``backends/triton_kernel.py``), all from ``formula.mask_threshold
 Every backend module has the same entry points: ``run(job) -> Outcome`` (aggregate and step),
 ``step(config, params, states, g, mask=None, *, guard) -> bool`` (a step on a known ``g``) and
 ``fold(batch, total, count, weighted)`` (the streaming accumulator's sums), ``finish(total,
-count, weight_sum, threshold, scale, hard, weighted)`` (its result) and ``nonfinite_rows(batch)``.
+count, weight_sum, threshold, scale, hard, weighted)`` (its result) and ``nonfinite_rows(batch)``;
+the native one also ``step_from_sums`` (that result and a guarded step in one pass).
 """
 from __future__ import annotations
 

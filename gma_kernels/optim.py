@@ -13,6 +13,8 @@ from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFini
 from .job import Job
 from .streaming import Accumulator
 
+_STEP_OVERFLOW = "the accumulated step overflows float32; params and optimizer state left unchanged"
+
 
 class ServerOptimizer:
     """Steps a flat float32 parameter buffer with the GMA pseudo-gradient, in place.
@@ -81,15 +83,29 @@ class ServerOptimizer:
         if not isinstance(accumulator, Accumulator):
             raise TypeError(f"step_accumulated takes an Accumulator, got "
                             f"{type(accumulator).__name__} (for a list of updates use step)")
-        mean, m, stats = accumulator.finalize(self.mask_config)
-        if accumulator.numel != self.params.numel() or mean.device != self.params.device:
-            raise ValueError(f"accumulator holds {accumulator.numel} elements on {mean.device}; "
+        device = accumulator.buffer.device
+        if accumulator.numel != self.params.numel() or device != self.params.device:
+            raise ValueError(f"accumulator holds {accumulator.numel} elements on {device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
+        fused = getattr(dispatch.resolve_backend(self.backend, device), "step_from_sums", None)
+        if fused is not None and not self.mask_config.rescale and self.nonfinite != "unchecked":
+            weight_sum, threshold, scale = accumulator.result_settings(self.mask_config)
+            sums, finite, stepped = fused(
+                self.step_config, self.params, self.states, accumulator.total, accumulator.count,
+                weight_sum, threshold, scale, self.mask_config.mask == "hard",
+                self.mask_config.weighted_agreement)
+            if not finite:
+                raise NonFiniteError("the accumulated sum overflowed float32; params and "
+                                     "optimizer state left unchanged")
+            if not stepped:
+                raise NonFiniteError(_STEP_OVERFLOW)
+            return GMAStats(sums, accumulator.numel, accumulator.num_clients,
+                            tuple(accumulator.dropped))
+        mean, m, stats = accumulator.finalize(self.mask_config)
         x, after = (mean, m) if self.step_config.masks_step else (mean.mul_(m), None)
         if not dispatch.step(self.step_config, self.params, self.states, x, after,
                              guard=self.nonfinite != "unchecked", backend=self.backend):
-            raise NonFiniteError("the accumulated step overflows float32; params and optimizer "
-                                 "state left unchanged")
+            raise NonFiniteError(_STEP_OVERFLOW)
         return stats
 
     def state_dict(self) -> dict:

@@ -101,9 +101,10 @@ class Accumulator:
 
     __iadd__ = merge
 
-    def finalize(self, config: MaskConfig) -> tuple[Tensor, Tensor, GMAStats]:
-        """(weighted mean ``S/Σp``, mask ``m`` — divided by its density with ``rescale`` —,
-        stats). Both tensors are new float32 buffers of N elements."""
+    def result_settings(self, config: MaskConfig) -> tuple[float, float, float]:
+        """``(Σp, threshold, scale)`` of the result under ``config``, once the accumulator is
+        known to hold a result for it (some client, a positive weight sum, the same kind of
+        agreement)."""
         k = self.num_clients
         if k == 0:
             raise ValueError("the accumulator holds no client update")
@@ -112,7 +113,13 @@ class Accumulator:
         weight_sum = self.weight_sum
         if weight_sum <= 0:
             raise ValueError("the accumulated weights sum to zero")
-        threshold, scale = mask_threshold(config, k)
+        return (weight_sum, *mask_threshold(config, k))
+
+    def finalize(self, config: MaskConfig) -> tuple[Tensor, Tensor, GMAStats]:
+        """(weighted mean ``S/Σp``, mask ``m`` — divided by its density with ``rescale`` —,
+        stats). Both tensors are new float32 buffers of N elements."""
+        weight_sum, threshold, scale = self.result_settings(config)
+        k = self.num_clients
         impl = resolve_backend(self.backend, self.buffer.device)
         mean, m, sums, finite = impl.finish(self.total, self.count, weight_sum, threshold, scale,
                                             config.mask == "hard", config.weighted_agreement)

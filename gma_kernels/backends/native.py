@@ -76,7 +76,7 @@ def _library() -> ctypes.CDLL | None:
             lib.gma_cpu_fold.argtypes = head + [p, p]
             lib.gma_cpu_nonfinite.argtypes = head + [p]
             lib.gma_cpu_finish.argtypes = head + [p, p, c_float, c_int, c_float, c_float, c_int,
-                                                  p, p, p]
+                                                  p, p, c_int] + step
             for fn in ("gma_cpu_aggregate", "gma_cpu_step", "gma_cpu_fold", "gma_cpu_nonfinite",
                        "gma_cpu_finish"):
                 getattr(lib, fn).restype = c_int
@@ -312,6 +312,27 @@ def finish(total: Tensor, count: Tensor, weight_sum: float, threshold: float, sc
     _, _, partial = _over_columns(
         _library().gma_cpu_finish, None, total.numel(), (), None, total.data_ptr(),
         count.data_ptr(), float(weight_sum), int(weighted), float(threshold), float(scale),
-        int(hard), mean.data_ptr(), m.data_ptr(), sums=3)
-    mask_sum, agreement_sum, bad = partial.sum(0)
+        int(hard), mean.data_ptr(), m.data_ptr(), 1, None, None, 0, sums=4)
+    mask_sum, agreement_sum, bad, _ = partial.sum(0)
     return mean, m, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32), bad == 0
+
+
+def step_from_sums(config: StepConfig, params: Tensor, states: tuple[Tensor, ...],
+                   total: Tensor, count: Tensor, weight_sum: float, threshold: float,
+                   scale: float, hard: bool, weighted: bool) -> tuple[Tensor, bool, bool]:
+    """The guarded server step straight from the streaming sums, ``finish`` and the step in
+    one pass (no buffer of N values besides the guard's backups): (``[[Σ m, Σ A]]``, whether
+    the mean is finite, whether it stepped). Unless both, params and state are as they were."""
+    args, arrays, targets, backups = _step_args(config, params, states, True)
+    with _undone_on_failure(3, targets, backups):
+        bounds, codes, partial = _over_columns(
+            _library().gma_cpu_finish, None, total.numel(), (), None, total.data_ptr(),
+            count.data_ptr(), float(weight_sum), int(weighted), float(threshold),
+            float(scale), int(hard), None, None, int(config.masks_step), args, arrays, 1,
+            sums=4)
+    mask_sum, agreement_sum, bad, _ = partial.sum(0)
+    sums = torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
+    if bad == 0 and not any(codes):
+        return sums, True, True
+    _put_back(bounds, partial[:, 3], targets, backups)
+    return sums, bad == 0, False

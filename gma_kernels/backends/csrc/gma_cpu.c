@@ -529,30 +529,40 @@ int gma_cpu_step(const void *const *rows, int dtype, int64_t num_clients, int64_
     return code;
 }
 
-/* The streaming accumulator's result over the columns [lo, hi): mean_j = S_j / weight_sum and
- * the mask m_j made, as finish_tile makes it, from C_j (weighted: C_j / weight_sum, else the
- * exact count C_j); S and C are only read. sums[0..2] are accumulated into as by
- * gma_cpu_aggregate: Σ m, Σ A and the number of non-finite mean_j. Returns 0, or -2 out of
- * memory. The head (rows, dtype, K, w, a) is unused: the signature of the other entry points. */
+/* The streaming accumulator's result over the columns [lo, hi), from its sums S and C (only
+ * read): the mean S_j / weight_sum and the mask m_j made, as finish_tile makes it, from C_j
+ * (weighted: C_j / weight_sum, else the exact count C_j); then g, m_out, split, st, arr and
+ * guard as in gma_cpu_aggregate: g = m·mean (or mean, with m in m_out, when split or m_out is
+ * given), and with st the server step in the same pass, so a step from the sums needs no
+ * buffer of N values. sums[0..3] as gma_cpu_aggregate's. Returns 0, 1 when the guard stopped
+ * the step, -2 out of memory. The head (rows, dtype, K, w, a) is unused: the signature of the
+ * other entry points. */
 int gma_cpu_finish(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
                    int64_t hi, const float *unused_w, const float *unused_a, const float *S,
                    const float *C, float weight_sum, int weighted, float threshold, float scale,
-                   int hard, float *mean, float *m_out, double *sums) {
+                   int hard, float *g, float *m_out, int split, const Step *st,
+                   const StepArrays *arr, int guard, double *sums) {
     (void)rows; (void)dtype; (void)num_clients; (void)unused_w; (void)unused_a;
-    float *work = workspace(2 * (size_t)TILE);
+    float *work = workspace((size_t)TILE * BUFFERS + 2 * (size_t)TILE);
     if (!work) return -2;
-    float *total = work, *count = work + TILE;
-    for (int64_t start = lo; start < hi; start += TILE) {
+    float *total = work + TILE * BUFFERS, *count = total + TILE;
+    int code = 0;
+    for (int64_t start = lo; start < hi && code == 0; start += TILE) {
         int len = (int)(hi - start < TILE ? hi - start : TILE);
         for (int j = 0; j < len; ++j) total[j] = S[start + j] / weight_sum;
         if (weighted)
             for (int j = 0; j < len; ++j) count[j] = C[start + j] / weight_sum;
         else
             memcpy(count, C + start, (size_t)len * sizeof(float));
-        finish_tile(total, count, NULL, 1, len, threshold, scale, hard, mean + start, NULL,
-                    m_out + start, sums);
+        float *gout = g ? g + start : work + GTILE * TILE;
+        float *mout = m_out ? m_out + start : (split ? work + MTILE * TILE : NULL);
+        finish_tile(total, count, NULL, 1, len, threshold, scale, hard, gout, NULL, mout, sums);
+        if (st) {
+            code = step_range(st, arr, start, len, gout, mout, guard, work);
+            if (code == 0) sums[3] += len;
+        }
     }
-    return 0;
+    return code;
 }
 
 /* The number of non-finite values of each client's row over the columns [lo, hi), added into

@@ -271,24 +271,56 @@ def test_fused_sgd_step_is_undone_when_a_late_tile_fails(where, poison, many_thr
 @needs_native
 @pytest.mark.parametrize("kind", ["momentum", "adam", "yogi", "adagrad"])
 @pytest.mark.parametrize("where", ["mid-tile of thread 2", "last column"])
-def test_fused_step_with_state_is_undone_when_a_tile_fails(kind, where, many_threads):
-    """The C step writes each tile in place after saving it; a tile with a non-finite new value
-    is put back from its save, and the tiles stepped before it on every thread from the
-    backups: params and both states end bit for bit as they were."""
+@pytest.mark.parametrize("source", ["batch", "accumulator"])
+def test_fused_step_with_state_is_undone_when_a_tile_fails(kind, where, source, many_threads):
+    """The C step writes each tile in place after saving it, from the updates or straight from
+    an accumulator's sums; a tile with a non-finite new value is put back from its save, and
+    the tiles stepped before it on every thread from the backups: params and both states end
+    bit for bit as they were."""
     k, n = 5, 3 * 20011
     j = {"mid-tile of thread 2": n // 3 + 700, "last column": n - 1}[where]
     gen = torch.Generator().manual_seed(len(kind) + j)
     params = torch.randn(n, generator=gen)
     opt = gk.ServerOptimizer(params, kind, lr=0.3, tau=0.3, backend="torch")
-    opt.step(torch.randn(k, n, generator=gen))  # non-zero state
-    before = [params.clone(), *(s.clone() for s in opt.states)]
+
+    def step(updates):
+        if source == "batch":
+            return opt.step(updates)
+        return opt.step_accumulated(gk.Accumulator(n, backend="torch").add(updates))
+
+    step(torch.randn(k, n, generator=gen))  # non-zero state
     updates = torch.randn(k, n, generator=gen)
-    updates[:, j] = 1e20 if kind != "momentum" else 3e38  # finite; g², or v·β + g, overflows
-    if kind == "momentum":
-        opt.step(updates)  # v_j = 3e38 so far, finite
+    # finite sums (5 · 6e37 < 3.4e38); g² overflows at once, the velocity v·β + g within steps
+    updates[:, j] = 1e20 if kind != "momentum" else 6e37
+    for _ in range(30):
         before = [params.clone(), *(s.clone() for s in opt.states)]
-    with pytest.raises(gk.NonFiniteError):
-        opt.step(updates)
+        try:
+            step(updates)
+        except gk.NonFiniteError as err:
+            assert "left unchanged" in str(err)
+            break
+    else:
+        pytest.fail("the step never overflowed")
+    for after, saved in zip([params, *opt.states], before):
+        assert torch.equal(after, saved)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_step_from_an_overflowed_sum_leaves_everything(kind, many_threads):
+    """Sums that overflowed float32 in the accumulator (two updates of 3e38 in one column, on
+    thread 2) refuse the step from them, params and state unchanged."""
+    n = 3 * 20011
+    gen = torch.Generator().manual_seed(3)
+    params = torch.randn(n, generator=gen)
+    opt = gk.ServerOptimizer(params, kind, lr=0.3, tau=0.3, backend="torch")
+    opt.step(torch.randn(3, n, generator=gen))
+    before = [params.clone(), *(s.clone() for s in opt.states)]
+    updates = torch.randn(2, n, generator=gen)
+    updates[:, n // 3 + 9] = 3e38
+    acc = gk.Accumulator(n, backend="torch").add(updates)
+    with pytest.raises(gk.NonFiniteError, match="sum overflowed"):
+        opt.step_accumulated(acc)
     for after, saved in zip([params, *opt.states], before):
         assert torch.equal(after, saved)
 
