@@ -9,7 +9,7 @@ Every backend module has the same entry points: ``run(job) -> Outcome`` (aggrega
 ``step(config, params, states, g, mask=None, *, guard) -> bool`` (a step on a known ``g``) and
 ``fold(batch, total, count, weighted)`` (the streaming accumulator's sums), ``finish(total,
 count, weight_sum, threshold, scale, hard, weighted)`` (its result) and ``nonfinite_rows(batch)``;
-the native one also ``step_from_sums`` (that result and a guarded step in one pass).
+the native and Triton ones also ``step_from_sums`` (that result and a guarded step in one pass).
 """
 from __future__ import annotations
 

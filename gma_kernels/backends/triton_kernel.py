@@ -71,16 +71,22 @@ def _accumulate(base, offsets, weights, K, offs, valid, BLOCK: tl.constexpr, VEC
 @triton.jit(do_not_specialize=["N", "K"])
 def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
                 param_ptr, state1, state2, g_out, a_out, backup, partials, flag,
-                lr, momentum, beta1, beta2, eps,
+                lr, momentum, beta1, beta2, eps, sums_count, weight_sum,
                 WEIGHTED: tl.constexpr, HARD: tl.constexpr,
                 OPT: tl.constexpr, MASKS_STEP: tl.constexpr, GUARD: tl.constexpr,
                 WRITE_G: tl.constexpr, WRITE_A: tl.constexpr, VEC: tl.constexpr,
-                BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+                FROM_SUMS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
-    total, count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC, WEIGHTED,
-                               UNROLL)
+    if FROM_SUMS:  # a streaming accumulator's S (at base) and C (at sums_count): S/Σp, C
+        total = tl.div_rn(tl.load(base + offs, mask=valid, other=0.0), weight_sum)
+        count = tl.load(sums_count + offs, mask=valid, other=0.0)
+        if WEIGHTED:
+            count = tl.div_rn(count, weight_sum)
+    else:
+        total, count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC,
+                                   WEIGHTED, UNROLL)
 
     score = tl.abs(count)
     agree = score * scale
@@ -212,10 +218,15 @@ def _row_table(batch: ClientBatch, weights: tuple[float, ...], agree: tuple[floa
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
-    flag = _flags.get(batch.device)
+    return base, packed[:k], packed[k:].view(torch.float32), vec, _flag(batch.device)
+
+
+def _flag(device: torch.device) -> torch.Tensor:
+    """The device's zeroed int64 guard flag (kept: a guarded call leaves it zeroed)."""
+    flag = _flags.get(device)
     if flag is None:
-        flag = _flags[batch.device] = torch.zeros(1, dtype=torch.int64, device=batch.device)
-    return base, packed[:k], packed[k:].view(torch.float32), vec, flag
+        flag = _flags[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return flag
 
 
 def _pack(batch: ClientBatch, weights: tuple[float, ...], pointers: tuple[int, ...] | None
@@ -261,12 +272,40 @@ def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, .
 
 def run(job: Job) -> Outcome:
     """Aggregate and step in one launch (the guard restores what a failed block overwrote)."""
-    batch, step = job.batch, job.step
-    device, n, k = batch.device, batch.numel, batch.num_clients
+    batch = job.batch
+    k = batch.num_clients
     p = batch.mean_weights
     agree = p if job.mask.weighted_agreement else (1.0,) * k
     base, offsets, weights, vec, flag = _row_table(batch, p, agree)
     threshold, scale = mask_threshold(job.mask, k)
+    return _launch(job, (base, offsets, weights), k, threshold, scale, flag, vec=vec)
+
+
+def step_from_sums(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
+                   total: torch.Tensor, count: torch.Tensor, weight_sum: float,
+                   threshold: float, scale: float, hard: bool, weighted: bool
+                   ) -> tuple[torch.Tensor, bool, bool]:
+    """The guarded server step straight from a streaming accumulator's sums, in one launch
+    that reads ``S`` and ``C`` in place of the rows (no buffer of N values besides the
+    guard's backup): (``[[Σ m, Σ A]]`` per block, whether ``S/Σp`` is finite, whether it
+    stepped). Unless both, params and state are as they were."""
+    job = Job(ClientBatch(None, (total,), (1.0,)), MaskConfig(0.0, "hard" if hard else "soft",
+                                                               weighted),
+              config, params, states, guard=True)
+    flag = _flag(total.device)
+    outcome = _launch(job, (total, count, float(weight_sum)), 1, threshold, scale, flag, vec=1,
+                      from_sums=True)
+    if outcome.finite:
+        return outcome.sums, True, True
+    finite = bool(torch.isfinite(total).all())  # after a refusal only: which of the two
+    return outcome.sums, finite, False
+
+
+def _launch(job: Job, source: tuple, k: int, threshold: float, scale: float,
+            flag: torch.Tensor, *, vec: int, from_sums: bool = False) -> Outcome:
+    """One launch of ``_gma_kernel`` over ``job``'s N columns, reading the rows (``source``:
+    base, offsets, weights) or, ``from_sums``, an accumulator's sums (``source``: S, C, Σp)."""
+    step, n, device = job.step, job.batch.numel, job.batch.device
     grid = triton.cdiv(n, LAUNCH["BLOCK"])
     partials = torch.empty(2 * grid, dtype=torch.float32, device=device)
     opt = OPTIMIZER_CODES[step.kind if step else None]
@@ -276,8 +315,13 @@ def run(job: Job) -> Outcome:
               if guard_step else None)
     masks_step = step is not None and step.masks_step
     dummy = partials  # stands in for pointers a variant never touches
+    if from_sums:
+        base, sums_count, weight_sum = source
+        rows = (base, dummy, dummy)
+    else:
+        rows, sums_count, weight_sum = source, dummy, 1.0
     _gma_kernel[(grid,)](
-        base, offsets, weights, n, k, float(threshold), float(scale),
+        *rows, n, k, float(threshold), float(scale),
         job.params if step else dummy, states[0] if states[0] is not None else dummy,
         states[1] if states[1] is not None else dummy,
         job.g_out if job.g_out is not None else dummy,
@@ -285,11 +329,11 @@ def run(job: Job) -> Outcome:
         backup if backup is not None else dummy, partials, flag,
         float(step.lr) if step else 0.0, float(step.momentum) if step else 0.0,
         float(step.beta1) if step else 0.0, float(step.beta2) if step else 0.0,
-        float(step.eps) if step else 1.0,
+        float(step.eps) if step else 1.0, sums_count, float(weight_sum),
         WEIGHTED=job.mask.weighted_agreement,
         HARD=job.mask.mask == "hard", OPT=opt, MASKS_STEP=masks_step, GUARD=job.guard,
         WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, VEC=vec,
-        **LAUNCH,
+        FROM_SUMS=from_sums, **LAUNCH,
     )
     finite = not job.guard or int(flag.item()) == 0
     if not finite:

@@ -92,6 +92,34 @@ def test_guard_restores_every_block(kind, where):
         assert torch.equal(t, b)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("where", [0, 1500, 3000], ids=["first-block", "mid-block", "last-block"])
+def test_step_from_sums_restores_every_block(kind, where):
+    """``step_accumulated`` launches the kernel on the accumulator's sums; a step that
+    overflows in one block (w + g past float32, or Adam's g²) restores every block it had
+    written: params and state end bit for bit as they were."""
+    n = 3001
+    params = torch.randn(n, generator=gen(2)).to(DEVICE)
+    opt = gk.ServerOptimizer(params, kind, lr=1.0, tau=0.3, backend="triton")
+    good, _, _ = make(4, 2, n, kind="list")
+
+    def step(updates):
+        acc = gk.Accumulator(n, device=DEVICE, backend="triton").add(updates, [1.0, 1.0])
+        return opt.step_accumulated(acc)
+
+    step(good)  # non-zero state
+    bad = [u.clone() for u in good]
+    for u in bad:
+        u[where] = 1e20 if kind == "adam" else 1e38  # S = 2e38 stays finite
+    if kind != "adam":
+        params[where] = 3e38  # w + 1e38 overflows
+    before = [params.clone()] + [s.clone() for s in opt.states]
+    with pytest.raises(gk.NonFiniteError, match="left unchanged"):
+        step(bad)
+    for t, b in zip([params, *opt.states], before):
+        assert torch.equal(t, b)
+
+
 @pytest.mark.parametrize("block,warps,unroll", [(256, 2, 1), (2048, 8, 1), (1024, 4, 4)])
 def test_other_block_sizes(monkeypatch, block, warps, unroll):
     """The kernel is correct for any BLOCK the launcher may pick (tuning must not break it)."""
