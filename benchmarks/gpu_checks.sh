@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check the open work needs, in one run on a machine with one CUDA GPU (about
-# 10 minutes on an H100/H200), results under OUT (default benchmarks/results/gpu-run):
+# Every GPU check the open work needs, in one run on a machine with one CUDA GPU (meant to fit
+# one 10-minute call on an H100/H200; not yet timed on one), results under OUT (default
+# benchmarks/results/gpu-run):
 #   1. the library's tests, which run on the GPU with the compiled kernel when it has one;
 #   2. per synchronized call with the default guard, the headline GPU grid (K 8 and 64,
 #      N 2^24 and 2^26, fp32 and bf16) against copy bandwidth;
