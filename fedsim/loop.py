@@ -246,9 +246,9 @@ def reused_heap():
     only past 1 GiB free); at its end ``malloc_trim(0)`` hands back what is free. A training
     step frees and allocates the same few MB of activations and gradients every time, and
     under glibc's adaptive defaults each step gave them back and took them again as fresh
-    zeroed pages (digits MLP, 10 clients, 30 rounds: 16,000 page faults and about a fifth of
-    the CPU time). The thresholds stay fixed for the process afterwards. Nothing happens
-    where the C library is not glibc."""
+    zeroed pages (28×28 CNN, 10 clients of 300 images, cohorts of 5, one thread: 300,000 page
+    faults a round and 3.2–3.4 s, against 80,000 and 2.8–2.9 s here). The thresholds stay
+    fixed for the process afterwards. Nothing happens where the C library is not glibc."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
@@ -268,7 +268,8 @@ def _glibc() -> ctypes.CDLL | None:
     """The process's glibc, or ``None`` (another C library, or none to be found)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):
         return None
     return libc

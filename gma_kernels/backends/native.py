@@ -200,12 +200,18 @@ def run(job: Job) -> Outcome:
             _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_w,
             float(threshold), float(scale), int(job.mask.mask == "hard"), _address(g),
             _address(job.a_out), None, int(split), args, arrays, int(job.guard), sums=4)
-    mask_sum, agreement_sum, bad, _ = partial.sum(0)
-    sums = torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
+    sums, bad = _statistics(partial)
     if not job.guard or (bad == 0 and not any(codes)):
         return Outcome(True, sums)
     _put_back(bounds, partial[:, 3], targets, backups)
     return Outcome(False, sums)
+
+
+def _statistics(partial: np.ndarray) -> tuple[Tensor, float]:
+    """(``[[Σ m, Σ A]]`` as float32, the number of non-finite aggregates) from the chunks'
+    sums of an aggregating call (``[chunks, 4]``)."""
+    mask_sum, agreement_sum, bad, _ = partial.sum(0)
+    return torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32), bad
 
 
 def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
@@ -313,8 +319,8 @@ def finish(total: Tensor, count: Tensor, weight_sum: float, threshold: float, sc
         _library().gma_cpu_finish, None, total.numel(), (), None, total.data_ptr(),
         count.data_ptr(), float(weight_sum), int(weighted), float(threshold), float(scale),
         int(hard), mean.data_ptr(), m.data_ptr(), 1, None, None, 0, sums=4)
-    mask_sum, agreement_sum, bad, _ = partial.sum(0)
-    return mean, m, torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32), bad == 0
+    sums, bad = _statistics(partial)
+    return mean, m, sums, bad == 0
 
 
 def step_from_sums(config: StepConfig, params: Tensor, states: tuple[Tensor, ...],
@@ -330,8 +336,7 @@ def step_from_sums(config: StepConfig, params: Tensor, states: tuple[Tensor, ...
             count.data_ptr(), float(weight_sum), int(weighted), float(threshold),
             float(scale), int(hard), None, None, int(config.masks_step), args, arrays, 1,
             sums=4)
-    mask_sum, agreement_sum, bad, _ = partial.sum(0)
-    sums = torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32)
+    sums, bad = _statistics(partial)
     if bad == 0 and not any(codes):
         return sums, True, True
     _put_back(bounds, partial[:, 3], targets, backups)

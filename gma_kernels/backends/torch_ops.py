@@ -128,4 +128,3 @@ def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> No
     for row, p in zip(batch.rows, batch.weights):
         total.add_(row, alpha=p)
         count.add_(torch.sign(row), alpha=p if weighted else 1.0)
-
