@@ -33,6 +33,7 @@ from ..job import Job, Outcome
 
 finish = streaming_result  # the streaming result: a few element-wise ops, not worth a kernel
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 OPTIMIZER_CODES = {None: 0, "sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adagrad": 5}
 
 
@@ -297,7 +298,8 @@ def step_from_sums(config: StepConfig, params: torch.Tensor, states: tuple[torch
                       from_sums=True)
     if outcome.finite:
         return outcome.sums, True, True
-    finite = bool(torch.isfinite(total).all())  # after a refusal only: which of the two
+    # after a refusal only, which of the two: is S/Σp finite (a reduction, no N-sized copy)
+    finite = float(torch.linalg.vector_norm(total, float("inf"))) / weight_sum <= _FLOAT32_MAX
     return outcome.sums, finite, False
 
 

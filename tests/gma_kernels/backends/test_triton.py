@@ -120,6 +120,21 @@ def test_step_from_sums_restores_every_block(kind, where):
         assert torch.equal(t, b)
 
 
+def test_step_from_an_overflowed_sum_names_the_sum():
+    """Sums that overflowed float32 in the accumulator refuse the step from them, say that
+    the sum overflowed (not the step) and leave params as they were."""
+    n = 3001
+    params = torch.randn(n, generator=gen(5)).to(DEVICE)
+    opt = gk.ServerOptimizer(params, "sgd", lr=1.0, tau=0.3, backend="triton")
+    updates = torch.randn(2, n, generator=gen(6)).to(DEVICE)
+    updates[:, 2000] = 3e38  # S = 6e38
+    acc = gk.Accumulator(n, device=DEVICE, backend="triton").add(updates, [1.0, 1.0])
+    before = params.clone()
+    with pytest.raises(gk.NonFiniteError, match="sum overflowed.*left unchanged"):
+        opt.step_accumulated(acc)
+    assert torch.equal(params, before)
+
+
 @pytest.mark.parametrize("block,warps,unroll", [(256, 2, 1), (2048, 8, 1), (1024, 4, 4)])
 def test_other_block_sizes(monkeypatch, block, warps, unroll):
     """The kernel is correct for any BLOCK the launcher may pick (tuning must not break it)."""
