@@ -123,14 +123,19 @@ DEFINE_FOLD(fold_f32, load_f32)
 DEFINE_FOLD(fold_bf16, load_bf16)
 DEFINE_FOLD(fold_f16, load_f16)
 
-/* float16 rows on a CPU with AVX-512: the same fold as fold_f16 (the same operations in the
- * same order, so the same sums bit for bit), 16 columns at a time, each half converted by
- * VCVTPH2PS (exact, and unaffected by the DAZ mode) instead of a dozen integer operations per
- * half, which made float16 the slowest input; the last len % 16 columns go to fold_f16. */
+/* On a CPU with AVX-512, the same folds written out 16 columns at a time (the same operations in
+ * the same order, so the same sums bit for bit): GCC's own vectorization of the portable loops
+ * ran the bfloat16 and float32 folds well below the read bandwidth, and a float16 takes one
+ * VCVTPH2PS (exact, and unaffected by the DAZ mode) instead of a dozen integer operations. A
+ * bfloat16 widens to float32 by a 16-bit shift. The last len % 16 columns go to the portable
+ * fold. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__)
-#include <immintrin.h>
-#define HAVE_FOLD_F16_AVX512 1
-#define H16(ROW)                                                                                 \
+#define HAVE_FOLD_AVX512 1
+#define LOAD16_F32(ROW) _mm512_loadu_ps((const float *)(ROW) + start + j)
+#define LOAD16_BF16(ROW)                                                                         \
+    _mm512_castsi512_ps(_mm512_slli_epi32(                                                         \
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ROW) + start + j))), 16))
+#define LOAD16_F16(ROW)                                                                          \
     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ROW) + start + j)))
 #define SIGN_F(X) _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), one), \
                                 _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), one))
@@ -140,57 +145,64 @@ DEFINE_FOLD(fold_f16, load_f16)
         _mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), C, ione)
 #define ADD_MUL(S, W, X) S = _mm512_add_ps(S, _mm512_mul_ps(W, X))
 
-__attribute__((target("avx512f"))) static void fold_f16_avx512(
-        const void *const *rows, int64_t k0, int r, int64_t start, int len, const float *w,
-        const float *a, int fresh, float *restrict total, float *restrict fcount,
-        int32_t *restrict icount) {
-    const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],
-               *r3 = rows[k0 + 3 * (r > 1)];
-    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-    const __m512i ione = _mm512_set1_epi32(1);
-    const __m512 w0 = _mm512_set1_ps(w[k0]), w1 = _mm512_set1_ps(w[k0 + (r > 1)]),
-                 w2 = _mm512_set1_ps(w[k0 + 2 * (r > 1)]), w3 = _mm512_set1_ps(w[k0 + 3 * (r > 1)]);
-    int j = 0;
-    for (; j + 16 <= len; j += 16) {
-        __m512 x0 = H16(r0), s = fresh ? zero : _mm512_loadu_ps(total + j);
-        ADD_MUL(s, w0, x0);
-        if (r == 1) {
-            _mm512_storeu_ps(total + j, s);
-            if (a) {
-                __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);
-                ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));
-                _mm512_storeu_ps(fcount + j, f);
-            } else {
-                __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j);
-                SIGN_I(c, x0);
-                _mm512_storeu_si512(icount + j, c);
-            }
-            continue;
-        }
-        __m512 x1 = H16(r1), x2 = H16(r2), x3 = H16(r3);
-        ADD_MUL(s, w1, x1);
-        ADD_MUL(s, w2, x2);
-        ADD_MUL(s, w3, x3);
-        _mm512_storeu_ps(total + j, s);
-        if (a) {
-            __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);
-            ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));
-            ADD_MUL(f, _mm512_set1_ps(a[k0 + 1]), SIGN_F(x1));
-            ADD_MUL(f, _mm512_set1_ps(a[k0 + 2]), SIGN_F(x2));
-            ADD_MUL(f, _mm512_set1_ps(a[k0 + 3]), SIGN_F(x3));
-            _mm512_storeu_ps(fcount + j, f);
-        } else {
-            __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j);
-            SIGN_I(c, x0);
-            SIGN_I(c, x1);
-            SIGN_I(c, x2);
-            SIGN_I(c, x3);
-            _mm512_storeu_si512(icount + j, c);
-        }
+#define DEFINE_FOLD_AVX512(NAME, LOAD16, PORTABLE)                                               \
+    __attribute__((target("avx512f"))) static void NAME(                                         \
+            const void *const *rows, int64_t k0, int r, int64_t start, int len, const float *w,  \
+            const float *a, int fresh, float *restrict total, float *restrict fcount,            \
+            int32_t *restrict icount) {                                                          \
+        const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],       \
+                   *r3 = rows[k0 + 3 * (r > 1)];                                                 \
+        const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);                     \
+        const __m512i ione = _mm512_set1_epi32(1);                                               \
+        const __m512 w0 = _mm512_set1_ps(w[k0]), w1 = _mm512_set1_ps(w[k0 + (r > 1)]),           \
+                     w2 = _mm512_set1_ps(w[k0 + 2 * (r > 1)]),                                   \
+                     w3 = _mm512_set1_ps(w[k0 + 3 * (r > 1)]);                                   \
+        int j = 0;                                                                               \
+        for (; j + 16 <= len; j += 16) {                                                         \
+            __m512 x0 = LOAD16(r0), s = fresh ? zero : _mm512_loadu_ps(total + j);               \
+            ADD_MUL(s, w0, x0);                                                                  \
+            if (r == 1) {                                                                        \
+                _mm512_storeu_ps(total + j, s);                                                  \
+                if (a) {                                                                         \
+                    __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);                       \
+                    ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));                               \
+                    _mm512_storeu_ps(fcount + j, f);                                             \
+                } else {                                                                         \
+                    __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j); \
+                    SIGN_I(c, x0);                                                               \
+                    _mm512_storeu_si512(icount + j, c);                                          \
+                }                                                                                \
+                continue;                                                                        \
+            }                                                                                    \
+            __m512 x1 = LOAD16(r1), x2 = LOAD16(r2), x3 = LOAD16(r3);                            \
+            ADD_MUL(s, w1, x1);                                                                  \
+            ADD_MUL(s, w2, x2);                                                                  \
+            ADD_MUL(s, w3, x3);                                                                  \
+            _mm512_storeu_ps(total + j, s);                                                      \
+            if (a) {                                                                             \
+                __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);                           \
+                ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));                                   \
+                ADD_MUL(f, _mm512_set1_ps(a[k0 + 1]), SIGN_F(x1));                               \
+                ADD_MUL(f, _mm512_set1_ps(a[k0 + 2]), SIGN_F(x2));                               \
+                ADD_MUL(f, _mm512_set1_ps(a[k0 + 3]), SIGN_F(x3));                               \
+                _mm512_storeu_ps(fcount + j, f);                                                 \
+            } else {                                                                             \
+                __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j);     \
+                SIGN_I(c, x0);                                                                   \
+                SIGN_I(c, x1);                                                                   \
+                SIGN_I(c, x2);                                                                   \
+                SIGN_I(c, x3);                                                                   \
+                _mm512_storeu_si512(icount + j, c);                                              \
+            }                                                                                    \
+        }                                                                                        \
+        if (j < len)                                                                             \
+            PORTABLE(rows, k0, r, start + j, len - j, w, a, fresh, total + j, fcount + j,        \
+                     icount + j);                                                                \
     }
-    if (j < len)
-        fold_f16(rows, k0, r, start + j, len - j, w, a, fresh, total + j, fcount + j, icount + j);
-}
+
+DEFINE_FOLD_AVX512(fold_f32_avx512, LOAD16_F32, fold_f32)
+DEFINE_FOLD_AVX512(fold_bf16_avx512, LOAD16_BF16, fold_bf16)
+DEFINE_FOLD_AVX512(fold_f16_avx512, LOAD16_F16, fold_f16)
 
 static int have_avx512(void) {
     static int known = -1;
@@ -301,25 +313,31 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
 
 /* Fold every client into the run's sums; with fresh the sums start at zero (they are not read),
  * else the clients are added to them. */
+typedef void FoldFn(const void *const *rows, int64_t k0, int r, int64_t start, int len,
+                    const float *w, const float *a, int fresh, float *restrict total,
+                    float *restrict fcount, int32_t *restrict icount);
+
+/* The fold for rows of dtype (0 float32, 1 bfloat16, 2 float16), or NULL for another code. */
+static FoldFn *fold_for(int dtype) {
+    static FoldFn *const portable[3] = {fold_f32, fold_bf16, fold_f16};
+    if (dtype < 0 || dtype > 2) return NULL;
+#ifdef HAVE_FOLD_AVX512
+    static FoldFn *const wide[3] = {fold_f32_avx512, fold_bf16_avx512, fold_f16_avx512};
+    if (have_avx512()) return wide[dtype];
+#endif
+    return portable[dtype];
+}
+
+/* Fold every client into the run's sums; with fresh the sums start at zero (they are not read),
+ * else the clients are added to them. */
 static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, int64_t start,
                      int len, const float *w, const float *a, int fresh, float *total,
                      float *fcount, int32_t *icount) {
+    FoldFn *fold = fold_for(dtype);
+    if (!fold) return -1;
     for (int64_t k = 0; k < num_clients;) {
-        int r = num_clients - k >= 4 ? 4 : 1, first = fresh && k == 0;
-        if (dtype == 0)
-            fold_f32(rows, k, r, start, len, w, a, first, total, fcount, icount);
-        else if (dtype == 1)
-            fold_bf16(rows, k, r, start, len, w, a, first, total, fcount, icount);
-        else if (dtype == 2) {
-#ifdef HAVE_FOLD_F16_AVX512
-            if (have_avx512())
-                fold_f16_avx512(rows, k, r, start, len, w, a, first, total, fcount, icount);
-            else
-#endif
-                fold_f16(rows, k, r, start, len, w, a, first, total, fcount, icount);
-        }
-        else
-            return -1;
+        int r = num_clients - k >= 4 ? 4 : 1;
+        fold(rows, k, r, start, len, w, a, fresh && k == 0, total, fcount, icount);
         k += r;
     }
     return 0;

@@ -72,12 +72,19 @@ def test_masked_mean_and_agreement(path, dtype, kind, k, n, mask, weighted, many
 @needs_native
 @PARAM_DTYPES
 @pytest.mark.parametrize("k", [1, 4, 7, 64])
-def test_native_mask_identical_to_chunks(dtype, k, many_threads, monkeypatch):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_identical_to_chunks(dtype, k, weighted, many_threads, monkeypatch):
+    """The C fold (its AVX-512 loop where the CPU has one, the portable loop for the last
+    columns) adds the same products in the same order as the PyTorch-ops path: the same
+    agreement and the same masked mean, bit for bit, for every row dtype."""
     updates, _, w = make(k, k, 3001, dtype, "list", device="cpu")
-    native = gk.agreement(updates, w, backend="torch")
-    monkeypatch.setattr(_native, "ENABLED", False)
-    chunks = gk.agreement(updates, w, backend="torch")
-    assert torch.equal(native, chunks)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_native, "ENABLED", enabled)
+        results.append((gk.agreement(updates, w, weighted=weighted, backend="torch"),
+                        gk.masked_mean(updates, w, weighted_agreement=weighted, backend="torch")))
+    for native, chunks in zip(*results):
+        assert torch.equal(native, chunks)
 
 
 @needs_native
