@@ -167,16 +167,20 @@ def make_batch(updates: Updates, weights: Weights, *, allow_zero_sum: bool = Fal
     return ClientBatch(matrix, rows, raw)
 
 
-def check_params(params: Tensor, batch: ClientBatch, name: str = "params") -> None:
-    """``params`` must be a contiguous 1-D float32 tensor of N elements on the updates' device."""
+def check_params(params: Tensor, batch: ClientBatch | None = None, name: str = "params") -> None:
+    """``params`` must be a contiguous 1-D float32 tensor outside autograd (it is written in
+    place) and, given ``batch``, hold N elements on the updates' device."""
     if not isinstance(params, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(params).__name__}")
-    if params.dim() != 1 or params.numel() != batch.numel:
+    if params.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (FlatParams(model).buffer is), got shape "
+                         f"{tuple(params.shape)}")
+    if batch is not None and params.numel() != batch.numel:
         raise ValueError(f"{name} must be 1-D with {batch.numel} elements (one per update element), "
                          f"got shape {tuple(params.shape)}")
     if params.dtype != torch.float32:
         raise ValueError(f"{name} must be float32, got {params.dtype}")
-    if params.device != batch.device:
+    if batch is not None and params.device != batch.device:
         raise ValueError(f"{name} is on {params.device} but the updates are on {batch.device}")
     if not params.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is written in place)")

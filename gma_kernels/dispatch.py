@@ -8,8 +8,9 @@ Triton kernel (``backends/triton_kernel.py``), all from ``formula.mask_threshold
 Every backend module has the same entry points: ``run(job) -> Outcome`` (aggregate and step),
 ``step(config, params, states, g, mask=None, *, guard) -> bool`` (a step on a known ``g``) and
 ``fold(batch, total, count, weighted)`` (the streaming accumulator's sums), ``finish(total,
-count, weight_sum, threshold, scale, hard, weighted)`` (its result) and ``nonfinite_rows(batch)``;
-the native and Triton ones also ``step_from_sums`` (that result and a guarded step in one pass).
+count, weight_sum, threshold, scale, hard, weighted)`` (its result), ``step_from_sums`` (that
+result and a guarded step: one pass in the native and Triton kernels, ``formula.streaming_step``
+in PyTorch ops) and ``nonfinite_rows(batch)``.
 """
 from __future__ import annotations
 
@@ -111,6 +112,15 @@ def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], g: Tens
     the chosen backend; returns whether it stepped (with ``guard``, only if all is finite)."""
     return resolve_backend(backend, params.device).step(config, params, states, g, mask,
                                                         guard=guard)
+
+
+def step_from_sums(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], total: Tensor,
+                   count: Tensor, weight_sum: float, threshold: float, scale: float, hard: bool,
+                   weighted: bool, *, backend: str = "auto") -> tuple[Tensor, bool, bool]:
+    """The guarded server step from a streaming accumulator's sums on the chosen backend:
+    (``[[Σ m, Σ A]]``, whether ``S/Σp`` is finite, whether it stepped)."""
+    return resolve_backend(backend, params.device).step_from_sums(
+        config, params, states, total, count, weight_sum, threshold, scale, hard, weighted)
 
 
 def _rescaled(impl: ModuleType, job: Job) -> Outcome:

@@ -169,3 +169,18 @@ def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: 
         for target, value in zip(states, new_states):
             target[sl].copy_(value)
     return True
+
+
+def streaming_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], total: Tensor,
+                   count: Tensor, weight_sum: float, threshold: float, scale: float, hard: bool,
+                   weighted: bool) -> tuple[Tensor, bool, bool]:
+    """The guarded server step from a streaming accumulator's sums: ``streaming_result``, then
+    ``apply_step`` on ``g = m ⊙ S/Σp`` (or ``S/Σp`` with ``m`` on the step, ``masks_step``).
+    Returns (``[[Σ m, Σ A]]``, whether the mean is finite, whether it stepped); unless both,
+    params and state are as they were."""
+    mean, m, sums, finite = streaming_result(total, count, weight_sum, threshold, scale, hard,
+                                             weighted)
+    if not finite:
+        return sums, False, False
+    x, after = (mean, m) if step.masks_step else (mean.mul_(m), None)
+    return sums, True, apply_step(step, params, states, x, after, guard=True)

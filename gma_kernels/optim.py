@@ -56,14 +56,7 @@ class ServerOptimizer:
         if mask.rescale and step.masks_step:
             raise ValueError("rescale=True needs mask_placement='before' (the density rescale "
                              "applies to the masked average the optimizer sees)")
-        if not isinstance(params, Tensor) or params.dim() != 1 or params.dtype != torch.float32 \
-                or not params.is_contiguous():
-            raise ValueError("params must be a contiguous 1-D float32 tensor (FlatParams(model)"
-                             ".buffer is one)")
-        if params.requires_grad:
-            raise ValueError("params requires grad, so it cannot be stepped in place: pass a "
-                             "tensor outside autograd (FlatParams(model).buffer, or "
-                             "params.detach())")
+        check_params(params)
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         _check_choice("backend", backend, dispatch.BACKENDS)
         self.params = params
@@ -87,13 +80,12 @@ class ServerOptimizer:
         if accumulator.numel != self.params.numel() or device != self.params.device:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
-        fused = getattr(dispatch.resolve_backend(self.backend, device), "step_from_sums", None)
-        if fused is not None and not self.mask_config.rescale and self.nonfinite != "unchecked":
+        if not self.mask_config.rescale and self.nonfinite != "unchecked":
             weight_sum, threshold, scale = accumulator.result_settings(self.mask_config)
-            sums, finite, stepped = fused(
+            sums, finite, stepped = dispatch.step_from_sums(
                 self.step_config, self.params, self.states, accumulator.total, accumulator.count,
                 weight_sum, threshold, scale, self.mask_config.mask == "hard",
-                self.mask_config.weighted_agreement)
+                self.mask_config.weighted_agreement, backend=self.backend)
             if not finite:
                 raise NonFiniteError("the accumulated sum overflowed float32; params and "
                                      "optimizer state left unchanged")

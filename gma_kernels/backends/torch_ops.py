@@ -10,8 +10,8 @@ is known to be finite, so a guarded job never touches ``params`` or the optimize
 input.
 
 Entry points, as every backend has them: ``run(job)`` (aggregate and step), ``step`` (a step on
-a known ``g``), ``fold`` (the streaming accumulator's sums), ``finish`` (its result) and
-``nonfinite_rows``.
+a known ``g``), ``fold`` (the streaming accumulator's sums), ``finish`` (its result),
+``step_from_sums`` (a guarded step from them) and ``nonfinite_rows``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..batch import ClientBatch
-from ..formula import apply_step, mask_from_count, mask_threshold, streaming_result
+from ..formula import (apply_step, mask_from_count, mask_threshold, streaming_result,
+                       streaming_step)
 from ..job import Job, Outcome
 
 CPU_CHUNK_BYTES = 1 << 22
@@ -28,6 +29,7 @@ MASK_BLOCK = 1 << 17  # coordinates masked together (the per-coordinate ops run 
 
 step = apply_step
 finish = streaming_result
+step_from_sums = streaming_step
 
 
 def chunk_length(batch: ClientBatch) -> int:

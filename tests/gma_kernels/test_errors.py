@@ -250,9 +250,10 @@ def test_params_non_contiguous():
 
 
 def test_params_not_a_tensor():
-    with pytest.raises(TypeError, match="params"):
+    """The same check, and the same error type, for the function and the optimizer."""
+    with pytest.raises(TypeError, match="params must be a tensor, got list"):
         gk.gma_step([0.0] * N, _updates())
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(TypeError, match="params must be a tensor, got list"):
         gk.ServerOptimizer([0.0] * N, "sgd")
 
 

@@ -9,6 +9,7 @@ import torch
 
 import gma_kernels as gk
 import reference as ref
+from gma_kernels.backends import native as _native
 from gk_util import BACKENDS, DEVICE, assert_close, assert_state_close, gen, make
 
 # Triton's interpreter computes with numpy, which warns on the NaN/inf inputs of the guard tests
@@ -262,3 +263,24 @@ def test_step_accumulated_rescale_overflow_leaves_params(kind):
         opt.step_accumulated(acc)
     assert torch.equal(params, torch.full((4,), 0.5, device=DEVICE))
     assert all(torch.equal(s, torch.zeros(4, device=DEVICE)) for s in opt.states)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch-ops"])
+def test_step_accumulated_overflow_leaves_params(kind, native, monkeypatch):
+    """Sums whose mean overflows float32, and finite sums whose step overflows, are refused
+    with params and state as they were, by the C kernel and by the PyTorch-ops fallback
+    (``formula.streaming_step``) alike; each message names which of the two overflowed."""
+    monkeypatch.setattr(_native, "ENABLED", native)
+    cases = {"sum overflowed": (torch.tensor([[3e38, 1.0, -2.0]] * 2), 0.5),
+             "step overflows": (torch.tensor([[1e38, 1.0, -2.0]] * 2), 3e38)}
+    for message, (updates, start) in cases.items():
+        params = torch.full((3,), start)
+        opt = gk.ServerOptimizer(params, kind, lr=1.0, tau=0.0, backend="torch")
+        for s in opt.states:
+            s.fill_(0.25)
+        acc = gk.Accumulator(3, backend="torch").add(updates)
+        with pytest.raises(gk.NonFiniteError, match=message):
+            opt.step_accumulated(acc)
+        assert torch.equal(params, torch.full((3,), start))
+        assert all(torch.equal(s, torch.full((3,), 0.25)) for s in opt.states)
