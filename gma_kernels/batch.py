@@ -80,13 +80,17 @@ def check_weights(weights: Weights, num_clients: int, *, allow_zero_sum: bool = 
             raise ValueError(f"weights must be 1-D, got shape {tuple(weights.shape)}")
         values = weights.detach().to("cpu", torch.float64).numpy()
     else:
-        values = _as_float64(weights)
+        try:
+            values = _as_float64(weights)
+        except OverflowError:
+            raise ValueError("weights holds an integer too large for a float64") from None
     if len(values) != num_clients:
         raise ValueError(f"weights has {len(values)} entries but there are {num_clients} updates")
-    for bad, what in ((~np.isfinite(values), "is not finite"), (values < 0, "is negative")):
-        if bad.any():
-            k = int(np.argmax(bad))
-            raise ValueError(f"weights[{k}] {what} ({values[k]})")
+    if not (np.isfinite(values).all() and (values >= 0).all()):
+        for bad, what in ((~np.isfinite(values), "is not finite"), (values < 0, "is negative")):
+            if bad.any():
+                k = int(np.argmax(bad))
+                raise ValueError(f"weights[{k}] {what} ({values[k]})")
     raw = tuple(values.tolist())
     if math.fsum(raw) <= 0 and not allow_zero_sum:
         raise ValueError("weights sum to zero: at least one client needs a positive weight")
@@ -96,6 +100,8 @@ def check_weights(weights: Weights, num_clients: int, *, allow_zero_sum: bool = 
 def _as_float64(weights: Sequence[float]) -> np.ndarray:
     """A sequence of numbers as a 1-D float64 array (element by element where NumPy cannot
     convert it at once, e.g. 0-d CUDA tensors); strings and bools are refused, not parsed."""
+    if type(weights) in (list, tuple) and set(map(type, weights)) <= {float, int}:
+        return np.array(weights, dtype=np.float64)  # plain numbers: no per-item checks needed
     items = weights.tolist() if isinstance(weights, np.ndarray) else weights
     if isinstance(items, (str, bytes)) or (isinstance(items, Sequence) and any(
             isinstance(p, (str, bytes, bool, np.bool_)) for p in items)):

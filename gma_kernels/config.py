@@ -46,6 +46,8 @@ def as_number(value: object) -> float | None:
     not a bool, not a string), else None. A number of less than 64 bits is read by its
     shortest decimal form (``np.float32(0.4)`` is 0.4, not 0.4000000059604645), as the user
     wrote it."""
+    if type(value) is float or type(value) is int:  # the common case, before the ABC checks
+        return float(value)
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
             return None
@@ -120,6 +122,12 @@ class MaskConfig:
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
 
+#: each hyperparameter of ``StepConfig`` with its bounds (``_check_finite``)
+_STEP_BOUNDS = (("lr", {"low": 0.0}), ("momentum", {"low": 0.0, "high": 1.0}),
+                ("beta1", {"low": 0.0, "high": 1.0}), ("beta2", {"low": 0.0, "high": 1.0}),
+                ("eps", {"low": 0.0, "low_open": True}))
+
+
 @dataclass(frozen=True)
 class StepConfig:
     """A server step on the masked pseudo-gradient ``g`` (Reddi et al. 2021, no bias correction).
@@ -141,10 +149,7 @@ class StepConfig:
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.kind, OPTIMIZER_KINDS)
         _check_choice("mask_placement", self.mask_placement, PLACEMENTS)
-        for name, bounds in (("lr", {"low": 0.0}), ("momentum", {"low": 0.0, "high": 1.0}),
-                             ("beta1", {"low": 0.0, "high": 1.0}),
-                             ("beta2", {"low": 0.0, "high": 1.0}),
-                             ("eps", {"low": 0.0, "low_open": True})):
+        for name, bounds in _STEP_BOUNDS:
             object.__setattr__(self, name, _check_finite(name, getattr(self, name), **bounds))
 
     @property

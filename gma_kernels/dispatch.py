@@ -84,7 +84,9 @@ def execute(job: Job, *, nonfinite: NonFinitePolicy = "raise", backend: str = "a
     raise (state untouched) or, with "drop", aggregate the finite clients only."""
     _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
     impl = resolve_backend(backend, job.batch.device)
-    job = replace(job, guard=nonfinite != "unchecked")
+    guard = nonfinite != "unchecked"
+    if job.guard != guard:
+        job = replace(job, guard=guard)
     outcome = _rescaled(impl, job) if job.mask.rescale else impl.run(job)
     if outcome.finite:
         return GMAStats(outcome.sums, job.batch.numel, job.batch.num_clients)

@@ -151,6 +151,16 @@ def test_weights_wrong_shape_or_type(params):
         assert info.type is TypeError and "weights" in str(info.value)
 
 
+def test_weights_bool_or_huge_int(params):
+    """A bool among plain numbers is refused, not read as 1 (list or tuple); an integer beyond
+    float64 is a ValueError that names the weights."""
+    for form in ([1.0, True, 1.0], (1, 1, False)):
+        for info in _all_apis(params, _updates(), form):
+            assert info.type is TypeError and "weights must be numbers" in str(info.value)
+    for info in _all_apis(params, _updates(), [1, 2 ** 1100, 1]):
+        assert info.type is ValueError and "weights holds an integer too large" in str(info.value)
+
+
 # -- hyperparameters -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tau", [-0.01, 1.01, float("nan"), float("inf"), -float("inf"), True,
