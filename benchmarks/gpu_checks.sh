@@ -6,7 +6,8 @@
 #   2. per synchronized call with the default guard, the headline GPU grid (K 8 and 64,
 #      N 2^24 and 2^26, fp32 and bf16) against copy bandwidth;
 #   3. a 7e9-parameter model's bf16 updates folded into an Accumulator (accumulator_gpu.py);
-#   4. the cohort engine's targets, both engines side by side (cohort_gpu.py).
+#   4. the cohort engine's targets, both engines side by side (cohort_gpu.py);
+#   5. where a synchronized call's host time goes, piece by piece (host_breakdown_gpu.py).
 # Each step runs even if an earlier one failed; the exit status is the first failure's.
 #
 #     pip install -e . --no-deps --no-build-isolation && bash benchmarks/gpu_checks.sh OUT
@@ -30,4 +31,5 @@ run grid python -m pytest benchmarks/test_aggregation.py --benchmark-only -q -p 
 run grid-report python benchmarks/report.py "$out/gpu-targets.json" -o "$out/gpu-targets.md"
 run accumulator python benchmarks/accumulator_gpu.py --device cuda --out "$out/accumulator.json"
 run cohort python benchmarks/cohort_gpu.py --device cuda --out "$out/cohort.json"
+run host python benchmarks/host_breakdown_gpu.py --out "$out/host-breakdown.json"
 exit "$status"
