@@ -185,7 +185,7 @@ benchmarks/tune_triton.py."""
 
 
 _TABLE_CACHE_SIZE = 32
-_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _flags: dict[torch.device, torch.Tensor] = {}
 
 
@@ -211,15 +211,15 @@ def _row_table(batch: ClientBatch, weights: tuple[float, ...], agree: tuple[floa
         key = (batch.device, "rows", itemsize, tuple(p - pointers[0] for p in pointers))
     key += (weights, agree)
     vec = 16 // itemsize if all(p % 16 == 0 for p in pointers) else 1
-    packed = _tables.get(key)
-    if packed is None:
+    table = _tables.get(key)
+    if table is None:
         packed = _pack(batch, weights + agree, pointers if batch.matrix is None else None)
-        _tables[key] = packed
+        table = _tables[key] = (packed[:k], packed[k:].view(torch.float32))  # views made once
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
-    return base, packed[:k], packed[k:].view(torch.float32), vec, _flag(batch.device)
+    return base, *table, vec, _flag(batch.device)
 
 
 def _flag(device: torch.device) -> torch.Tensor:
