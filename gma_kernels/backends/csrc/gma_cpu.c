@@ -311,8 +311,7 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
 }
 
-/* Fold every client into the run's sums; with fresh the sums start at zero (they are not read),
- * else the clients are added to them. */
+/* A fold of clients [k0, k0 + r) (r = 4 or 1) into a run's sums, as DEFINE_FOLD writes it. */
 typedef void FoldFn(const void *const *rows, int64_t k0, int r, int64_t start, int len,
                     const float *w, const float *a, int fresh, float *restrict total,
                     float *restrict fcount, int32_t *restrict icount);
