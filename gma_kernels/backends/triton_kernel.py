@@ -179,6 +179,19 @@ def _fold_kernel(base, offsets, weights, N, K, total, count, WEIGHTED: tl.conste
     tl.store(count + offs, tl.load(count + offs, mask=valid) + add_count, mask=valid)
 
 
+@triton.jit(do_not_specialize=["N", "K"])
+def _nonfinite_kernel(base, offsets, N, K, flags, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """``flags[k] = 1`` where row k holds a NaN or an infinity in this program's block (every
+    writer writes the same 1, so their order does not matter)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    for k in range(0, K):
+        x = _load_client(base, offsets, k, offs, valid, VEC)
+        finite = (x == x) & (tl.abs(x) < float("inf"))
+        if tl.sum((valid & ~finite).to(tl.int32), axis=0) > 0:
+            tl.store(flags + k, 1)
+
+
 LAUNCH = {"BLOCK": 1024, "UNROLL": 1, "num_warps": 4, "num_stages": 1}
 """Block size, K-loop unrolling, warps and pipeline stages, chosen on an H100 with
 benchmarks/tune_triton.py."""
@@ -256,9 +269,16 @@ def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted:
 
 
 def nonfinite_rows(batch: ClientBatch) -> list[int]:
-    """The clients whose update holds a NaN or an infinity, with one device sync for all."""
-    finite = torch.stack([torch.isfinite(row).all() for row in batch.rows])
-    return torch.nonzero(~finite).flatten().tolist()
+    """The clients whose update holds a NaN or an infinity: one launch that reads each row once
+    (no buffer of N, unlike ``torch.isfinite``), one device sync for all. It reads the rows
+    through the unweighted fold's table, which the accumulator's fold then finds cached."""
+    p = batch.weights
+    base, offsets, _, vec, _ = _row_table(batch, p, (1.0,) * len(p))
+    flags = torch.zeros(batch.num_clients, dtype=torch.int32, device=batch.device)
+    _nonfinite_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
+        base, offsets, batch.numel, batch.num_clients, flags, VEC=vec, BLOCK=LAUNCH["BLOCK"],
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+    return torch.nonzero(flags).flatten().tolist()
 
 
 def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],

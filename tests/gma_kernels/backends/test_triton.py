@@ -204,3 +204,30 @@ def test_cached_row_tables_follow_weights_and_addresses():
             got = gk.masked_mean(rows, weights, backend="triton")
             expect = gk.masked_mean(values, weights, backend="torch")
             assert torch.allclose(got.cpu(), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["matrix", "list"])
+def test_nonfinite_rows_reads_each_row_once(dtype, kind):
+    """The screen kernel names exactly the rows with a NaN or an infinity, wherever in the row
+    and in whichever block it lies (N over three blocks and a bit), and not the rows that hold
+    only the largest finite values, zeros or subnormals; the same rows as ``torch.isfinite``."""
+    from gma_kernels.backends import triton_kernel
+    from gma_kernels.batch import make_batch
+    k, n = 9, 3 * 1024 + 5
+    values = torch.randn(k, n, generator=gen(77)).to(dtype)
+    info = torch.finfo(dtype)
+    values[1, 0] = float("nan")
+    values[2, n - 1] = float("inf")
+    values[4, 2048] = -float("inf")
+    values[5, 1023] = float("nan")
+    values[6, ::7] = info.max  # finite extremes, not flagged
+    values[7, ::5] = -info.max
+    values[3, ::3] = info.tiny / 4  # subnormals
+    values[8, 1500] = -float("inf")  # the last row
+    updates = values.to(DEVICE) if kind == "matrix" else list(values.to(DEVICE).unbind(0))
+    batch = make_batch(updates, None)
+    expected = [i for i in range(k) if not bool(torch.isfinite(values[i]).all())]
+    assert expected == [1, 2, 4, 5, 8]
+    assert triton_kernel.nonfinite_rows(batch) == expected
