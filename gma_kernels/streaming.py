@@ -85,8 +85,9 @@ class Accumulator:
     def _fold(self, impl: ModuleType, batch: ClientBatch) -> None:
         """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)`` with the raw weights ``p_k``."""
         impl.fold(batch, self.total, self.count, self.weighted_agreement)
-        self.buffer[-2:] += torch.tensor([math.fsum(batch.weights), batch.num_clients],
-                                         dtype=torch.float32, device=self.buffer.device)
+        # two scalar adds on the device: a host tensor copied in would wait for the fold
+        self.buffer[-2] += math.fsum(batch.weights)
+        self.buffer[-1] += batch.num_clients
 
     def merge(self, other: Accumulator) -> Accumulator:
         """Add another accumulator's sums into this one (same size, device, agreement kind)."""
