@@ -74,7 +74,8 @@ def screen_nonfinite(impl: ModuleType, batch: ClientBatch, policy: NonFinitePoli
     bad = impl.nonfinite_rows(batch)
     if bad and policy == "raise":
         names = ", ".join(name(k) for k in bad)
-        raise NonFiniteError(f"{names} contain non-finite values (NaN or inf); {untouched}{hint}")
+        verb = "contains" if len(bad) == 1 else "contain"
+        raise NonFiniteError(f"{names} {verb} non-finite values (NaN or inf); {untouched}{hint}")
     return [k for k in everyone if k not in bad]
 
 

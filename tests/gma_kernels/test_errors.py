@@ -382,7 +382,10 @@ def test_params_that_require_grad_are_refused_before_any_state_moves(kind):
 def test_masked_mean_does_not_speak_of_params_it_does_not_have():
     updates = _updates(3)
     updates[1, 2] = float("nan")
-    with pytest.raises(gk.NonFiniteError, match=r"updates\[1\] .*; nothing was computed"):
+    with pytest.raises(gk.NonFiniteError, match=r"updates\[1\] contains .*; nothing was computed"):
+        gk.masked_mean(updates)
+    updates[0, 0] = float("inf")
+    with pytest.raises(gk.NonFiniteError, match=r"updates\[0\], updates\[1\] contain non-finite"):
         gk.masked_mean(updates)
 
 
