@@ -43,7 +43,7 @@ from torch.func import functional_call, vmap
 
 from gma_kernels import FlatLayout, FlatParams
 
-from .batched import chain_forward
+from .batched import chain_forward, chain_gradient
 
 #: ``hook(grads, params, rows)``: may edit the gradients ``grads`` ([c, N], rows ``rows`` of
 #: the cohort, whose parameters are ``params``) before each local step
@@ -288,6 +288,7 @@ class CohortTrainer(Trainer):
         for p in model.parameters():
             p.requires_grad_(False)  # the template: its own tensors are never trained
         self._forward = chain_forward(model) or vmap(lambda p, x: functional_call(model, p, (x,)))
+        self._gradient = chain_gradient(model)  # by hand, without autograd, where it applies
 
     def _leaves(self, cohort: Cohort) -> dict[str, Tensor]:
         """The model's tensors as ``[C, *shape]`` views of ``params`` (autograd leaves)."""
@@ -298,11 +299,17 @@ class CohortTrainer(Trainer):
         c = matrix.shape[0]
         return {s.name: matrix[:, s.offset:s.stop].view(c, *s.shape) for s in self.layout.segments}
 
+    def _examples(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The inputs (``[C, b, ...]``) and labels (``[C, b]``) at positions ``index``."""
+        flat = index.reshape(-1)
+        x, y = self.data.x.index_select(0, flat), self.data.y.index_select(0, flat)
+        return x.view(*index.shape, *x.shape[1:]), y.view(index.shape)
+
     def _losses(self, leaves: dict[str, Tensor], index: Tensor, weight: Tensor) -> Tensor:
         """Each client's weighted loss on its batch: ``L_k = Σ_i w_ki CE(x_ki, y_ki)``."""
         c, b = index.shape
-        logits = self._forward(leaves, self.data.x[index])
-        ce = F.cross_entropy(logits.reshape(c * b, -1), self.data.y[index].reshape(-1),
+        x, y = self._examples(index)
+        ce = F.cross_entropy(self._forward(leaves, x).reshape(c * b, -1), y.reshape(-1),
                              reduction="none")
         return (ce.view(c, b) * weight).sum(1)
 
@@ -313,39 +320,49 @@ class CohortTrainer(Trainer):
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
                  last_gradient: bool) -> Tensor:
-        """The local steps. A step that every client takes steps each model tensor from its
-        fresh gradient (no hook; ``grads`` is written only at some client's last step, and
-        only for ``last_gradient``) or works on ``grads`` in place (a hook). A step some
-        clients sit out works on a scratch matrix and keeps their rows of ``grads`` (their last
-        step's gradient) and of ``params`` as they are."""
-        leaves = self._leaves(cohort)
+        """The local steps. With autograd, a step that every client takes steps each model
+        tensor from its fresh gradient (no hook; ``grads`` is written only at some client's
+        last step, and only for ``last_gradient``); otherwise (a hook, or ``chain_gradient``,
+        which writes its gradients straight into a matrix) the step works on ``grads`` in
+        place. A step some clients sit out works on a scratch matrix and keeps their rows of
+        ``grads`` (their last step's gradient) and of ``params`` as they are."""
         params, grads, rows = cohort.params, cohort.grads, slice(None)
-        param_views, grad_views = list(leaves.values()), list(self._views(grads).values())
-        scratch = None
+        by_hand = self._gradient is not None
+        leaves = self._views(params) if by_hand else self._leaves(cohort)
+        param_views, grad_views = list(leaves.values()), self._views(grads)
+        scratch = scratch_views = None
         total = torch.zeros(len(cohort), device=params.device)
         everyone = [all(row) for row in plan.counts]  # host numbers: no device sync
         last = {n - 1 for n in plan.steps} if last_gradient else set()
         rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
         for s in range(plan.index.shape[0]):
-            losses = self._losses(leaves, *plan.batch(s))
-            fresh = self._gradients(leaves, losses)
-            with torch.no_grad():
+            index, weight = plan.batch(s)
+            if not by_hand:
+                losses = self._losses(leaves, index, weight)
+                fresh = self._gradients(leaves, losses)
                 if everyone[s] and hook is None:
-                    for p, g, view in zip(param_views, fresh, grad_views):
-                        if self.weight_decay:
-                            g.add_(p, alpha=self.weight_decay)
-                        if s in last:
-                            view.copy_(g)
-                        p.add_(g, alpha=-self.lr)
-                    total.add_(losses.detach())
+                    with torch.no_grad():
+                        for p, g, view in zip(param_views, fresh, grad_views.values()):
+                            if self.weight_decay:
+                                g.add_(p, alpha=self.weight_decay)
+                            if s in last:
+                                view.copy_(g)
+                            p.add_(g, alpha=-self.lr)
+                        total.add_(losses.detach())
                     continue
-                if everyone[s]:
-                    target = grads
+            if everyone[s]:
+                target, views = grads, grad_views
+            else:
+                if scratch is None:
+                    scratch = torch.empty_like(grads)
+                    scratch_views = self._views(scratch)
+                target, views = scratch, scratch_views
+            with torch.no_grad():
+                if by_hand:
+                    losses = self._gradient(leaves, views, *self._examples(index), weight)
                 else:
-                    scratch = torch.empty_like(grads) if scratch is None else scratch
-                    target = scratch
-                for view, g in zip(self._views(target).values(), fresh):
-                    view.copy_(g)
+                    for view, g in zip(views.values(), fresh):
+                        view.copy_(g)
                 if self.weight_decay:
                     target.add_(params, alpha=self.weight_decay)
                 if hook is not None:

@@ -1,11 +1,12 @@
-"""The cohort engine's layer-by-layer forward against ``torch.func.vmap`` over the model itself,
-in float64, values and gradients, on awkward sizes."""
+"""The cohort engine's layer-by-layer forward, and its hand-written gradient, against
+``torch.func.vmap`` over the model itself and autograd, in float64, on awkward sizes."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.batched import chain_forward
+from fedsim.batched import chain_forward, chain_gradient
 from fedsim.models import build_model
 
 
@@ -89,3 +90,78 @@ class Dynamic(nn.Module):
 ], ids=["resnet", "tanh", "padding-same", "flatten-dim", "branching", "dynamic"])
 def test_anything_else_is_left_to_vmap(model):
     assert chain_forward(model) is None
+
+
+class LinearChain(nn.Module):
+    """Every layer ``chain_gradient`` supports: a ReLU straight on the (flattened) input, a
+    linear layer without bias, an in-place ReLU, two ReLUs in a row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(2 * 3 * 2, 7, bias=False),
+                                  nn.ReLU(inplace=True), nn.ReLU(), nn.Linear(7, 5))
+        self.classifier = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+@pytest.mark.parametrize("model, shape", [(build_model("mlp", (1, 5, 3), 6), (1, 5, 3)),
+                                          (LinearChain(), (2, 3, 2))], ids=["mlp", "every-layer"])
+def test_gradient_by_hand(model, shape):
+    """Losses and gradients against autograd through ``vmap`` of the model, with per-example
+    weights that include zeros (padding) and a client whose weights are all zero."""
+    model, clients, batch = model.double(), 4, 6
+    torch.manual_seed(2)
+    params = {k: torch.randn(clients, *v.shape, dtype=torch.float64) * 0.5
+              for k, v in model.named_parameters()}
+    x = torch.randn(clients, batch, *shape, dtype=torch.float64)
+    x_before = x.clone()
+    y = torch.randint(0, 4, (clients, batch))
+    weight = torch.rand(clients, batch, dtype=torch.float64)
+    weight[1, 4:] = 0
+    weight[3] = 0
+    gradient = chain_gradient(model)
+    assert gradient is not None
+    grads = {k: torch.full_like(v, float("nan")) for k, v in params.items()}  # poisoned
+    losses = gradient(params, grads, x, y, weight)
+    theirs = {k: v.clone().requires_grad_() for k, v in params.items()}
+    logits = vmap(lambda p, xb: functional_call(model, p, (xb,)))(theirs, x)
+    ce = F.cross_entropy(logits.reshape(clients * batch, -1), y.reshape(-1), reduction="none")
+    want = (ce.view(clients, batch) * weight).sum(1)
+    wanted = torch.autograd.grad(want.sum(), list(theirs.values()))
+    torch.testing.assert_close(losses, want, rtol=1e-12, atol=1e-12)
+    for name, w in zip(theirs, wanted):
+        torch.testing.assert_close(grads[name], w, rtol=1e-10, atol=1e-12, msg=name)
+    assert torch.equal(x, x_before)  # the caller's inputs are left as they were
+
+
+def test_gradient_into_rows_of_a_matrix():
+    """The gradients land in strided ``[C, *shape]`` views of one ``[C, N]`` matrix (as the
+    cohort engine passes them), the rest of the matrix untouched."""
+    model = build_model("mlp", (1, 2, 3), 3).double()
+    shapes = {k: v.shape for k, v in model.named_parameters()}
+    n = sum(s.numel() for s in shapes.values())
+    matrix = torch.full((3, n + 1), -7.0, dtype=torch.float64)  # one spare column at the end
+    views, offset = {}, 0
+    for k, s in shapes.items():
+        views[k] = matrix[:, offset:offset + s.numel()].view(3, *s)
+        offset += s.numel()
+    params = {k: torch.randn(3, *s, dtype=torch.float64) for k, s in shapes.items()}
+    x, y = torch.randn(3, 5, 1, 2, 3, dtype=torch.float64), torch.randint(0, 3, (3, 5))
+    weight = torch.full((3, 5), 0.2, dtype=torch.float64)
+    dense = {k: torch.empty(3, *s, dtype=torch.float64) for k, s in shapes.items()}
+    chain_gradient(model)(params, dense, x, y, weight)
+    chain_gradient(model)(params, views, x, y, weight)
+    for k in shapes:
+        torch.testing.assert_close(views[k], dense[k], rtol=0, atol=0)
+    assert torch.all(matrix[:, -1] == -7.0)
+
+
+@pytest.mark.parametrize("model", [
+    build_model("cnn", (1, 8, 8), 3),  # convolutions and poolings: autograd
+    nn.Sequential(nn.Flatten(), nn.ReLU()),  # no linear layer
+    nn.Sequential(nn.Linear(4, 4), nn.Tanh()),
+], ids=["cnn", "no-linear", "tanh"])
+def test_gradient_by_hand_only_for_linear_chains(model):
+    assert chain_gradient(model) is None
