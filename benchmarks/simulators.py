@@ -8,7 +8,8 @@ one torch thread; the final global model is evaluated on the same test set.
   training, evaluation at the end, metrics and model files);
 * ``fedsim-sequential``: the same with ``engine="sequential"``;
 * ``pfl``: Apple's pfl-research (``pip install pfl``), ``benchmarks/_pfl_runner.py``;
-* ``flower``: Flower's ``run_simulation`` (Ray backend), experiment (a) only (``--flower``);
+* ``flower``: Flower's ``run_simulation`` (Ray backend), experiment (a) only (``--flower``), in a
+  process of its own;
 * ``floor``: the compute floor, one forward and backward pass of the model over all of a
   round's examples in batches of 1024, times the rounds: no engine does less work on a CPU
   (timed in every repeat beside the others, so its median sees the same machine).
@@ -26,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -155,6 +158,14 @@ def run_flower(settings: dict) -> dict:
     return result
 
 
+def run_isolated(fn, *args):  # noqa: ANN001, ANN201
+    """``fn(*args)`` in a fresh process (spawned), so that what it leaves running (Flower's Ray
+    runtime: after ``run_simulation`` in this process the next experiments ran up to twice as
+    slow) ends with it."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each contender (median)")
@@ -181,8 +192,8 @@ def main() -> None:
             for who, run in contenders.items():
                 results.setdefault(who, {"runs": []})["runs"].append(run())
                 torch.set_num_threads(1)  # fedsim sets it for its run; keep both sides equal
-        if args.flower and name == "digits-mlp":  # one run (about 20 s), after the others:
-            results["flower"] = {"runs": [run_flower(settings)]}  # Ray's workers linger
+        if args.flower and name == "digits-mlp":  # one run (about 20 s), after the others
+            results["flower"] = {"runs": [run_isolated(run_flower, settings)]}
         for who, entry in results.items():
             entry["seconds"] = statistics.median(r["seconds"] for r in entry["runs"])
             if who != "floor":
