@@ -1,16 +1,16 @@
 """A cohort's forward pass written out layer by layer, for models that are a chain of common
 layers (fedsim's MLP and CNN): every client's copy of the model at once, as a few large calls.
 
-``chain_forward(model)`` traces the model (``torch.fx``) and, when every step is a ``Linear``,
+``chain_of(model)`` traces the model (``torch.fx``) and, when every step is a ``Linear``,
 ``Conv2d``, ``ReLU``, ``MaxPool2d`` or ``Flatten`` applied to the previous step's output, returns
-``forward(params, x)``: ``params`` maps each parameter name to its ``[C, *shape]`` tensor (client
-k's in row k), ``x`` is ``[C, B, ...]`` and the result ``[C, B, classes]``; else ``None`` (the
-cohort engine then uses ``torch.func.vmap``, which handles any model). It computes what ``vmap``
+that chain of layers, else ``None`` (the cohort engine then uses ``torch.func.vmap``, which
+handles any model). ``chain_forward(chain)`` is its ``forward(params, x)``: ``params`` maps each parameter name to its ``[C, *shape]`` tensor (client
+k's in row k), ``x`` is ``[C, B, ...]`` and the result ``[C, B, classes]``. It computes what ``vmap``
 computes, with fewer calls and a linear layer whose backward pass writes the weight gradient
 in the weights' own layout, so that the SGD step reads both in order (``vmap`` leaves it
 transposed, and a strided step costs several times a contiguous one).
 
-``chain_gradient(model)``, for a chain of ``Linear``, ``ReLU`` and ``Flatten`` only (fedsim's
+``chain_gradient(chain)``, for a chain of ``Linear``, ``ReLU`` and ``Flatten`` only (fedsim's
 MLP), goes one step further: the forward pass, the weighted cross-entropy and the backward pass
 by hand, without autograd, each weight and bias gradient written straight into the caller's
 gradient matrix. On small models (ten 32-example batches of the MLP) autograd's own work is a
@@ -30,11 +30,14 @@ ChainForward = Callable[[dict[str, Tensor], Tensor], Tensor]
 #: gradients written into ``grads`` (``chain_gradient``)
 ChainGradient = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor, Tensor], Tensor]
 _Layer = Callable[[dict[str, Tensor], Tensor], Tensor]
+#: a model's layers in the order its forward applies them, with their names
+Chain = list[tuple[str, nn.Module]]
 
 
-def _chain_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+def chain_of(model: nn.Module) -> Chain | None:
     """``model``'s submodules in order, with their names, when its forward applies each to the
-    previous one's output (traced with ``torch.fx``), else ``None``."""
+    previous one's output (traced with ``torch.fx``) and each has a batched version here, else
+    ``None``."""
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - any model fx cannot trace goes to vmap
@@ -48,17 +51,15 @@ def _chain_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             modules.append((node.target, model.get_submodule(node.target)))
             previous = node
         elif node.op == "output" and node.args == (previous,) and modules:
-            return modules
+            return modules if all(_layer(n, m) for n, m in modules) else None
         else:
             return None
     return None
 
 
-def chain_forward(model: nn.Module) -> ChainForward | None:
-    """The batched forward of ``model`` when it is a chain of supported layers, else ``None``."""
-    layers = [_layer(name, module) for name, module in _chain_modules(model) or []]
-    if not layers or None in layers:
-        return None
+def chain_forward(chain: Chain) -> ChainForward:
+    """The batched forward of the layers ``chain`` (``chain_of``)."""
+    layers = [_layer(name, module) for name, module in chain]
 
     def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
         for layer in layers:
@@ -68,9 +69,10 @@ def chain_forward(model: nn.Module) -> ChainForward | None:
     return forward
 
 
-def chain_gradient(model: nn.Module) -> ChainGradient | None:
-    """``gradient(params, grads, x, y, weight)`` of ``model`` when it is a chain of ``Linear``,
-    ``ReLU`` and ``Flatten`` layers (as ``chain_forward`` supports them), else ``None``.
+def chain_gradient(chain: Chain) -> ChainGradient | None:
+    """``gradient(params, grads, x, y, weight)`` of the layers ``chain`` (``chain_of``) when they
+    are ``Linear``, ``ReLU`` and ``Flatten`` layers only, at least one of them linear, else
+    ``None``.
 
     ``params`` and ``grads`` map each parameter name to a ``[C, *shape]`` tensor, ``x`` is
     ``[C, B, ...]``, ``y`` ``[C, B]`` labels and ``weight`` ``[C, B]`` per-example weights. It
@@ -79,21 +81,19 @@ def chain_gradient(model: nn.Module) -> ChainGradient | None:
     ``∂W = δᵀ h`` (one batched matmul into ``grads``), ``∂b = Σ_i δ_i`` and ``δ ← δ W`` for the
     layer below; a ReLU keeps ``δ`` where its output is positive; the loss's own is
     ``weight_ki (softmax(f_k(x_ki)) − onehot(y_ki))``."""
-    modules = _chain_modules(model)
-    if not modules or not all(isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten)) and _layer(n, m)
-                              for n, m in modules):
+    if not all(isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten)) for _, m in chain):
         return None
-    first = next((i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Linear)), None)
+    first = next((i for i, (_, m) in enumerate(chain) if isinstance(m, nn.Linear)), None)
     if first is None:
         return None
     names = {n: (f"{n}.weight", f"{n}.bias" if m.bias is not None else None)
-             for n, m in modules if isinstance(m, nn.Linear)}
+             for n, m in chain if isinstance(m, nn.Linear)}
 
     def gradient(params: dict[str, Tensor], grads: dict[str, Tensor], x: Tensor, y: Tensor,
                  weight: Tensor) -> Tensor:
         saved: list[Tensor | torch.Size] = []  # what each layer's backward reads
         fresh = False  # whether ``x`` is a linear layer's own output (a ReLU may overwrite it)
-        for name, module in modules:
+        for name, module in chain:
             if isinstance(module, nn.Linear):
                 saved.append(x)
                 w, b = names[name]
@@ -112,8 +112,8 @@ def chain_gradient(model: nn.Module) -> ChainGradient | None:
         delta = log_p.exp_().scatter_add_(2, label, torch.full(label.shape, -1.0, dtype=x.dtype,
                                                                device=x.device))
         delta.mul_(weight.unsqueeze(2))
-        for i in range(len(modules) - 1, first - 1, -1):
-            name, module, kept = *modules[i], saved[i]
+        for i in range(len(chain) - 1, first - 1, -1):
+            name, module, kept = *chain[i], saved[i]
             if isinstance(module, nn.Linear):
                 w, b = names[name]
                 torch.bmm(delta.transpose(1, 2), kept, out=grads[w])

@@ -43,7 +43,7 @@ from torch.func import functional_call, vmap
 
 from gma_kernels import FlatLayout, FlatParams
 
-from .batched import chain_forward, chain_gradient
+from .batched import chain_forward, chain_gradient, chain_of
 
 #: ``hook(grads, params, rows)``: may edit the gradients ``grads`` ([c, N], rows ``rows`` of
 #: the cohort, whose parameters are ``params``) before each local step
@@ -225,7 +225,7 @@ class Trainer:
     def __init__(self, model: nn.Module, data: ClientData, *, lr: float, batch_size: int,
                  local_epochs: int, local_steps: int | None = None, weight_decay: float = 0.0,
                  cohort_size: int = 1) -> None:
-        self.model = model
+        self.model = model.train()  # the trainer's own copy: always in training mode
         self.data = data
         self.layout = FlatLayout.of(dict(model.named_parameters()))
         self.lr, self.weight_decay = lr, weight_decay
@@ -257,14 +257,12 @@ class Trainer:
                   for n in cohort.sizes]
         plan = shuffled_plan(self.data, cohort.ids, cohort.generators, self.batch_size, counts)
         cohort.steps = counts
-        self.model.train()
         return self._descend(cohort, plan, hook, last_gradient)
 
     def full_gradient(self, cohort: Cohort, chunk: int = 1024) -> Tensor:
         """``∇f_k`` at ``params`` over all of each client's data (mean loss, weight decay
         included), read in chunks of ``chunk`` examples per client; left in ``grads`` and
         returned (``[C, N]``)."""
-        self.model.train()
         plan = full_pass_plan(self.data, cohort.ids, min(chunk, max(cohort.sizes)))
         self._accumulate(cohort, plan)
         if self.weight_decay:
@@ -287,8 +285,10 @@ class CohortTrainer(Trainer):
         super().__init__(model, data, **settings)
         for p in model.parameters():
             p.requires_grad_(False)  # the template: its own tensors are never trained
-        self._forward = chain_forward(model) or vmap(lambda p, x: functional_call(model, p, (x,)))
-        self._gradient = chain_gradient(model)  # by hand, without autograd, where it applies
+        chain = chain_of(model)
+        self._forward = chain_forward(chain) if chain else \
+            vmap(lambda p, x: functional_call(model, p, (x,)))
+        self._gradient = chain_gradient(chain) if chain else None  # by hand, where it applies
 
     def _leaves(self, cohort: Cohort) -> dict[str, Tensor]:
         """The model's tensors as ``[C, *shape]`` views of ``params`` (autograd leaves)."""
@@ -447,7 +447,7 @@ def resolve_engine(engine: str, model: nn.Module, input_shape: tuple[int, ...],
         return engine
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if device.type == "cpu" and convolutional and min(input_shape[-2:]) >= 16 \
-            and chain_forward(model) is None:
+            and chain_of(model) is None:
         return "sequential"
     return "cohort"
 
