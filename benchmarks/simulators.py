@@ -33,6 +33,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -158,10 +159,9 @@ def run_flower(settings: dict) -> dict:
     return result
 
 
-def run_isolated(fn, *args):  # noqa: ANN001, ANN201
-    """``fn(*args)`` in a fresh process (spawned), so that what it leaves running (Flower's Ray
-    runtime: after ``run_simulation`` in this process the next experiments ran up to twice as
-    slow) ends with it."""
+def run_isolated(fn: Callable[..., dict], *args: object) -> dict:
+    """``fn(*args)`` in a fresh process (spawned), so that whatever it leaves running (Flower's
+    Ray runtime) ends with it and cannot share the machine with the experiments after it."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 

@@ -4,9 +4,10 @@ layers (fedsim's MLP and CNN): every client's copy of the model at once, as a fe
 ``chain_of(model)`` traces the model (``torch.fx``) and, when every step is a ``Linear``,
 ``Conv2d``, ``ReLU``, ``MaxPool2d`` or ``Flatten`` applied to the previous step's output, returns
 that chain of layers, else ``None`` (the cohort engine then uses ``torch.func.vmap``, which
-handles any model). ``chain_forward(chain)`` is its ``forward(params, x)``: ``params`` maps each parameter name to its ``[C, *shape]`` tensor (client
-k's in row k), ``x`` is ``[C, B, ...]`` and the result ``[C, B, classes]``. It computes what ``vmap``
-computes, with fewer calls and a linear layer whose backward pass writes the weight gradient
+handles any model). ``chain_forward(chain)`` is its ``forward(params, x)``: ``params`` maps
+each parameter name to its ``[C, *shape]`` tensor (client k's in row k), ``x`` is
+``[C, B, ...]`` and the result ``[C, B, classes]``. It computes what ``vmap`` computes, with
+fewer calls and a linear layer whose backward pass writes the weight gradient
 in the weights' own layout, so that the SGD step reads both in order (``vmap`` leaves it
 transposed, and a strided step costs several times a contiguous one).
 
