@@ -29,7 +29,6 @@ SCAFFOLD's corrections).
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -157,11 +156,11 @@ def _plan(data: ClientData, ids: Sequence[int], order: Tensor, pieces: list[tupl
     ``(n, passes, count)`` is client ``ids[j]``'s (the j-th piece) ``passes`` passes over its
     ``n`` examples, cut into batches of ``batch_size``, of which it takes the first ``count``.
     The layout is worked out on the host (NumPy, vectorized over the clients) and applied with
-    one scatter. Each example weighs
-    ``1/b`` (its batch's mean) or, ``over_client``, ``1/n_k`` (its client's)."""
+    one scatter (in NumPy on a CPU, else on the device). Each example weighs ``1/b`` (its
+    batch's mean) or, ``over_client``, ``1/n_k`` (its client's)."""
     c, total = len(ids), max(steps)
-    n, passes, count = (np.asarray(a, dtype=np.int64) for a in zip(*pieces))
-    width = min(batch_size, int(n.max()))
+    n, passes, count = np.array(pieces, dtype=np.int64).T
+    width = min(batch_size, max(p[0] for p in pieces))
     length = passes * n  # positions of each client in ``order``
     owner = np.repeat(np.arange(c), length)  # the client (cohort row) of each position
     i = np.arange(int(length.sum())) - (np.cumsum(length) - length)[owner]  # within the client
@@ -172,20 +171,21 @@ def _plan(data: ClientData, ids: Sequence[int], order: Tensor, pieces: list[tupl
     slot = (step * c + owner) * width + (i[take] % size[take]) % batch_size
     offset = np.asarray(data.offsets, dtype=np.int64)[np.asarray(ids)][owner]
     counts = np.bincount(step * c + owner, minlength=total * c).reshape(total, c)
+    per = np.broadcast_to(1.0 / n, (total, c)) if over_client else 1.0 / np.maximum(counts, 1)
+    valid = np.zeros(total * c * width, dtype=bool)
+    valid[slot] = True
+    weight = valid.reshape(total, c, width) * per.astype(np.float32)[..., None]
     device = data.device
-    take_t, slot_t, offset_t = (torch.from_numpy(a).to(device) for a in (take, slot, offset))
-    index = torch.zeros(total * c * width, dtype=torch.int64, device=device)
-    index[slot_t] = order[take_t] + offset_t
-    valid = torch.zeros(total * c * width, dtype=torch.bool, device=device)
-    valid[slot_t] = True
-    valid = valid.view(total, c, width)
-    if over_client:
-        per = np.broadcast_to(1.0 / n, (total, c))
+    if device.type == "cpu":  # the scatter in NumPy, on the tensors' own memory
+        index = np.zeros(valid.size, dtype=np.int64)
+        index[slot] = order.numpy()[take] + offset
+        index = torch.from_numpy(index)
     else:
-        per = 1.0 / np.maximum(counts, 1)
-    weight = valid * torch.from_numpy(per.astype(np.float32)).to(device)[..., None]
-    return Plan(index.view(total, c, width), weight, torch.from_numpy(counts > 0).to(device),
-                list(steps), counts.tolist())
+        take_t, slot_t, offset_t = (torch.from_numpy(a).to(device) for a in (take, slot, offset))
+        index = torch.zeros(valid.size, dtype=torch.int64, device=device)
+        index[slot_t] = order[take_t] + offset_t
+    return Plan(index.view(total, c, width), torch.from_numpy(weight).to(device),
+                torch.from_numpy(counts > 0).to(device), list(steps), counts.tolist())
 
 
 @dataclass
@@ -472,17 +472,24 @@ CPU_ACTIVATION_BUDGET = 64 << 20
 def client_footprint(model: nn.Module, input_shape: tuple[int, ...],
                      batch_size: int) -> tuple[int, int]:
     """(parameters, forward activations of one batch) of one client, in floats: the outputs of
-    every module on a batch of ``batch_size``, measured by a forward on the meta device (no
-    memory, no computation)."""
+    every module on one example, times ``batch_size`` (every output grows with the batch),
+    measured by a forward in inference mode with every module in eval mode (no random numbers
+    drawn, no buffer updated; each module's mode is put back)."""
     n = sum(p.numel() for p in model.parameters())
     sizes: list[int] = []
-    meta = copy.deepcopy(model).to("meta")
-    for m in meta.modules():
-        m.register_forward_hook(
-            lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
-    with torch.no_grad():
-        meta(torch.empty(batch_size, *input_shape, device="meta"))
-    return n, sum(sizes)
+    modes = [(m, m.training) for m in model.modules()]
+    hooks = [m.register_forward_hook(
+        lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
+        for m, _ in modes]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes:
+            m.training = training
+    return n, batch_size * sum(sizes)
 
 
 def footprint_bytes(params: int, activations: int) -> int:

@@ -146,8 +146,9 @@ def play_round(algorithm: Algorithm, server: Server, trainer: Trainer, clients: 
     losses = comm.gather(losses, like=server.params.new_zeros(()))
     n = server.params.numel()
     down, up = algorithm.communication(n)
+    mask = stats.as_dict()
     return {"train_loss": float(torch.stack(losses).mean()),
-            "mask_density": float(stats.density), "mean_agreement": float(stats.mean_agreement),
+            "mask_density": mask["mask_density"], "mean_agreement": mask["mean_agreement"],
             "floats_down": down * len(clients), "floats_up": up * len(clients),
             "comm_vs_fedavg": (down + up) / (2 * n)}
 

@@ -188,5 +188,6 @@ class GMAStats:
         return self._means[1]
 
     def as_dict(self) -> dict[str, float]:
-        return {"mask_density": float(self.density), "mean_agreement": float(self.mean_agreement),
+        density, agreement = self._means.tolist()  # one device read for both
+        return {"mask_density": density, "mean_agreement": agreement,
                 "clients": self.num_clients, "dropped": len(self.dropped)}

@@ -210,8 +210,8 @@ def run(job: Job) -> Outcome:
 def _statistics(partial: np.ndarray) -> tuple[Tensor, float]:
     """(``[[Σ m, Σ A]]`` as float32, the number of non-finite aggregates) from the chunks'
     sums of an aggregating call (``[chunks, 4]``)."""
-    mask_sum, agreement_sum, bad, _ = partial.sum(0)
-    return torch.tensor([[mask_sum, agreement_sum]], dtype=torch.float32), bad
+    totals = partial[0] if len(partial) == 1 else partial.sum(0)
+    return torch.from_numpy(totals[None, :2].astype(np.float32)), float(totals[2])
 
 
 def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,

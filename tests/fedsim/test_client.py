@@ -190,6 +190,23 @@ def test_a_thousand_clients_a_round_in_bounded_cohorts(tmp_path):
     assert not torch.equal(before, sim.server.params) and torch.isfinite(sim.server.params).all()
 
 
+def test_client_footprint_counts_every_modules_output_and_leaves_the_model_as_it_was():
+    """The MLP's outputs per example, by hand: Flatten 64, Linear 200, ReLU 200, Linear 200,
+    ReLU 200, the body 200, the classifier 10, the model 10; times the batch. The forward draws
+    no random numbers and leaves parameters, modes and hooks as they were."""
+    mlp = build_model("mlp", (1, 8, 8), 10)
+    mlp.body[1].eval()  # a module in its own mode stays so
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    rng = torch.get_rng_state()
+    n, activations = client_footprint(mlp, (1, 8, 8), 37)
+    assert n == 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
+    assert activations == 37 * (64 + 4 * 200 + 200 + 10 + 10)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+    assert mlp.training and not mlp.body[1].training and mlp.body[3].training
+    assert not any(m._forward_hooks for m in mlp.modules())
+
+
 def test_auto_cohort_size_on_a_cpu_keeps_a_batch_of_activations_within_budget():
     """The 28×28 CNN (about 11 MB of activations a client at batch 32): on a CPU a few
     clients at a time, as many as the budget holds; with room to spare (the MLP), the
