@@ -320,11 +320,12 @@ class CohortTrainer(Trainer):
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
                  last_gradient: bool) -> Tensor:
-        """The local steps. With autograd, a step that every client takes steps each model
-        tensor from its fresh gradient (no hook; ``grads`` is written only at some client's
-        last step, and only for ``last_gradient``); otherwise (a hook, or ``chain_gradient``,
-        which writes its gradients straight into a matrix) the step works on ``grads`` in
-        place. A step some clients sit out works on a scratch matrix and keeps their rows of
+        """The local steps. A step that every client takes with no hook steps each model
+        tensor from its fresh gradient: with autograd, ``grads`` is written only at some
+        client's last step, and only for ``last_gradient``; with ``chain_gradient``, without
+        weight decay and before the last step asked for, the step is taken inside its backward.
+        Otherwise the step works on ``grads`` in place (``chain_gradient`` writes its gradients
+        straight into it). A step some clients sit out works on a scratch matrix and keeps their rows of
         ``grads`` (their last step's gradient) and of ``params`` as they are."""
         params, grads, rows = cohort.params, cohort.grads, slice(None)
         by_hand = self._gradient is not None
@@ -337,6 +338,12 @@ class CohortTrainer(Trainer):
         rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
         for s in range(plan.index.shape[0]):
             index, weight = plan.batch(s)
+            if by_hand and everyone[s] and hook is None and not self.weight_decay \
+                    and s not in last:  # the step inside the backward: no gradient written
+                with torch.no_grad():
+                    total.add_(self._gradient(leaves, None, *self._examples(index), weight,
+                                              step=self.lr))
+                continue
             if not by_hand:
                 losses = self._losses(leaves, index, weight)
                 fresh = self._gradients(leaves, losses)

@@ -81,7 +81,7 @@ class ServerOptimizer:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
         if not self.mask_config.rescale and self.nonfinite != "unchecked":
-            weight_sum, threshold, scale = accumulator.result_settings(self.mask_config)
+            k, weight_sum, threshold, scale = accumulator._settings(self.mask_config)
             sums, finite, stepped = dispatch.step_from_sums(
                 self.step_config, self.params, self.states, accumulator.total, accumulator.count,
                 weight_sum, threshold, scale, self.mask_config.mask == "hard",
@@ -91,8 +91,7 @@ class ServerOptimizer:
                                      "optimizer state left unchanged")
             if not stepped:
                 raise NonFiniteError(_STEP_OVERFLOW)
-            return GMAStats(sums, accumulator.numel, accumulator.num_clients,
-                            tuple(accumulator.dropped))
+            return GMAStats(sums, accumulator.numel, k, tuple(accumulator.dropped))
         mean, m, stats = accumulator.finalize(self.mask_config)
         x, after = (mean, m) if self.step_config.masks_step else (mean.mul_(m), None)
         if not dispatch.step(self.step_config, self.params, self.states, x, after,

@@ -51,11 +51,16 @@ class Accumulator:
 
     @property
     def num_clients(self) -> int:
-        return int(round(float(self.buffer[-1])))
+        return self._totals()[1]
 
     @property
     def weight_sum(self) -> float:
-        return float(self.buffer[-2])
+        return self._totals()[0]
+
+    def _totals(self) -> tuple[float, int]:
+        """(``Σ p``, K) in one read of the buffer (one device sync on a GPU)."""
+        weight_sum, k = self.buffer[-2:].tolist()
+        return weight_sum, int(round(k))
 
     def add(self, updates: Updates, weights: Weights | float = None) -> Accumulator:
         """Fold in one update (a 1-D tensor, with one number as its weight) or several (a
@@ -106,21 +111,23 @@ class Accumulator:
         """``(Σp, threshold, scale)`` of the result under ``config``, once the accumulator is
         known to hold a result for it (some client, a positive weight sum, the same kind of
         agreement)."""
-        k = self.num_clients
+        return self._settings(config)[1:]
+
+    def _settings(self, config: MaskConfig) -> tuple[int, float, float, float]:
+        """``(K, *result_settings(config))`` from one read of the buffer."""
+        weight_sum, k = self._totals()
         if k == 0:
             raise ValueError("the accumulator holds no client update")
         if config.weighted_agreement != self.weighted_agreement:
             raise ValueError("weighted_agreement differs between the mask and the accumulator")
-        weight_sum = self.weight_sum
         if weight_sum <= 0:
             raise ValueError("the accumulated weights sum to zero")
-        return (weight_sum, *mask_threshold(config, k))
+        return (k, weight_sum, *mask_threshold(config, k))
 
     def finalize(self, config: MaskConfig) -> tuple[Tensor, Tensor, GMAStats]:
         """(weighted mean ``S/Σp``, mask ``m`` — divided by its density with ``rescale`` —,
         stats). Both tensors are new float32 buffers of N elements."""
-        weight_sum, threshold, scale = self.result_settings(config)
-        k = self.num_clients
+        k, weight_sum, threshold, scale = self._settings(config)
         impl = resolve_backend(self.backend, self.buffer.device)
         mean, m, sums, finite = impl.finish(self.total, self.count, weight_sum, threshold, scale,
                                             config.mask == "hard", config.weighted_agreement)

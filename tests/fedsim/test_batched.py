@@ -135,6 +135,14 @@ def test_gradient_by_hand(model, shape):
     for name, w in zip(theirs, wanted):
         torch.testing.assert_close(grads[name], w, rtol=1e-10, atol=1e-12, msg=name)
     assert torch.equal(x, x_before)  # the caller's inputs are left as they were
+    # with step=η: the SGD step taken in the backward, every layer's gradient at the old θ
+    stepped = {k: v.clone() for k, v in params.items()}
+    torch.testing.assert_close(gradient(stepped, None, x, y, weight, step=0.3), want,
+                               rtol=1e-12, atol=1e-12)
+    for name, w in zip(theirs, wanted):
+        torch.testing.assert_close(stepped[name], params[name] - 0.3 * w, rtol=1e-10,
+                                   atol=1e-12, msg=name)
+    assert torch.equal(x, x_before)
 
 
 def test_gradient_into_rows_of_a_matrix():
@@ -160,9 +168,25 @@ def test_gradient_into_rows_of_a_matrix():
     assert torch.all(matrix[:, -1] == -7.0)
 
 
+class Twice(nn.Module):
+    """One linear layer applied twice: its gradient is the sum of two uses (autograd's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat, self.relu, self.layer = nn.Flatten(), nn.ReLU(), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.relu(self.layer(self.flat(x))))
+
+
 @pytest.mark.parametrize("model", [
     build_model("cnn", (1, 8, 8), 3),  # convolutions and poolings: autograd
     nn.Sequential(nn.Flatten(), nn.ReLU()),  # no linear layer
-], ids=["cnn", "no-linear"])
+    Twice(),
+], ids=["cnn", "no-linear", "layer-twice"])
 def test_gradient_by_hand_only_for_linear_chains(model):
-    assert chain_gradient(chain_of(model)) is None
+    assert chain_of(model) is not None and chain_gradient(chain_of(model)) is None
+
+
+def test_a_layer_applied_twice_trains_as_autograd_says():
+    compare(Twice(), (1, 2, 2))
