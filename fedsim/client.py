@@ -325,8 +325,8 @@ class CohortTrainer(Trainer):
         client's last step, and only for ``last_gradient``; with ``chain_gradient``, without
         weight decay and before the last step asked for, the step is taken inside its backward.
         Otherwise the step works on ``grads`` in place (``chain_gradient`` writes its gradients
-        straight into it). A step some clients sit out works on a scratch matrix and keeps their rows of
-        ``grads`` (their last step's gradient) and of ``params`` as they are."""
+        straight into it). A step some clients sit out works on a scratch matrix and keeps
+        their rows of ``grads`` (their last step's gradient) and of ``params`` as they are."""
         params, grads, rows = cohort.params, cohort.grads, slice(None)
         by_hand = self._gradient is not None
         leaves = self._views(params) if by_hand else self._leaves(cohort)
@@ -335,7 +335,6 @@ class CohortTrainer(Trainer):
         total = torch.zeros(len(cohort), device=params.device)
         everyone = [all(row) for row in plan.counts]  # host numbers: no device sync
         last = {n - 1 for n in plan.steps} if last_gradient else set()
-        rate = plan.active.to(params.dtype).mul_(-self.lr)[..., None]  # [S, C, 1]: −η a_k
         for s in range(plan.index.shape[0]):
             index, weight = plan.batch(s)
             if by_hand and everyone[s] and hook is None and not self.weight_decay \
@@ -378,7 +377,8 @@ class CohortTrainer(Trainer):
                     params.add_(grads, alpha=-self.lr)
                     total.add_(losses.detach())
                 else:
-                    params.addcmul_(scratch, rate[s])
+                    params.addcmul_(scratch, plan.active[s, :, None].to(params.dtype),
+                                    value=-self.lr)  # P − η (G ⊙ a)
                     torch.where(plan.active[s, :, None], scratch, grads, out=grads)
                     total.add_(losses.detach() * plan.active[s])
         return total.div_(torch.tensor(plan.steps, dtype=total.dtype, device=total.device))
