@@ -10,7 +10,8 @@ rounding on the same batches:
   common layers such as the MLP and the CNN, else ``torch.func.functional_call`` under
   ``torch.func.vmap``), one backward of ``Σ_k L_k`` (client k's mean loss on its batch),
   which leaves every client's gradient in ``G``, and one in-place SGD step
-  ``P ← P − η (G ⊙ a)`` with ``a_k = 1`` while client k still has steps to take, else 0;
+  ``P ← P − η (G ⊙ a)`` with ``a_k = 1`` while client k still has steps to take, else 0
+  (the MLP's plain steps are taken inside its backward instead, ``_descend``);
 * ``SequentialTrainer`` (``--engine sequential``): the clients one after another on one
   reusable model (row k copied in, trained, copied out).
 
