@@ -40,7 +40,7 @@ def chain_of(model: nn.Module) -> Chain | None:
     previous one's output (traced with ``torch.fx``) and each has a batched version here, else
     ``None``."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = fx.Tracer().trace(model)  # the graph alone: no GraphModule to generate
     except Exception:  # noqa: BLE001 - any model fx cannot trace goes to vmap
         return None
     modules: list[tuple[str, nn.Module]] = []
