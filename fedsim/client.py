@@ -338,8 +338,9 @@ class CohortTrainer(Trainer):
         last = {n - 1 for n in plan.steps} if last_gradient else set()
         for s in range(plan.index.shape[0]):
             index, weight = plan.batch(s)
-            if by_hand and everyone[s] and hook is None and not self.weight_decay \
-                    and s not in last:  # the step inside the backward: no gradient written
+            plain = everyone[s] and hook is None  # a step every client takes, no hook
+            if by_hand and plain and not self.weight_decay and s not in last:
+                # the step inside the backward: no gradient written
                 with torch.no_grad():
                     total.add_(self._gradient(leaves, None, *self._examples(index), weight,
                                               step=self.lr))
@@ -347,7 +348,7 @@ class CohortTrainer(Trainer):
             if not by_hand:
                 losses = self._losses(leaves, index, weight)
                 fresh = self._gradients(leaves, losses)
-                if everyone[s] and hook is None:
+                if plain:
                     with torch.no_grad():
                         for p, g, view in zip(param_views, fresh, grad_views.values()):
                             if self.weight_decay:
