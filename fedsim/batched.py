@@ -2,7 +2,7 @@
 layers (fedsim's MLP and CNN): every client's copy of the model at once, as a few large calls.
 
 ``chain_of(model)`` traces the model (``torch.fx``) and, when every step is a ``Linear``,
-``Conv2d``, ``ReLU``, ``MaxPool2d`` or ``Flatten`` applied to the previous step's output, returns
+``Conv2d``, ``ReLU``, ``LeakyReLU``, ``MaxPool2d`` or ``Flatten`` applied to the previous step's output, returns
 that chain of layers, else ``None`` (the cohort engine then uses ``torch.func.vmap``, which
 handles any model). ``chain_forward(chain)`` is its ``forward(params, x)``: ``params`` maps
 each parameter name to its ``[C, *shape]`` tensor (client k's in row k), ``x`` is
@@ -149,6 +149,8 @@ def _layer(name: str, module: nn.Module) -> _Layer | None:
         return _conv2d(module, f"{name}.weight", f"{name}.bias" if module.bias is not None else None)
     if isinstance(module, nn.ReLU):
         return lambda _p, x: x.relu()
+    if isinstance(module, nn.LeakyReLU):
+        return lambda _p, x: F.leaky_relu(x, module.negative_slope)
     if isinstance(module, nn.MaxPool2d):
         def pool(_p: dict[str, Tensor], x: Tensor) -> Tensor:
             out = F.max_pool2d(_stacked(x), module.kernel_size, module.stride, module.padding,

@@ -111,6 +111,9 @@ class Config:
     server_beta1: float = _setting(0.9, "server beta1 (adam, yogi, adagrad)")
     server_beta2: float = _setting(0.99, "server beta2 (adam, yogi)")
     server_eps: float = _setting(1e-3, "server epsilon (adam, yogi, adagrad)")
+    server_bias_correction: bool = _setting(False, "server adam with torch.optim.Adam's bias "
+                                            "correction m/(1-beta1^t), v/(1-beta2^t) (Reddi et "
+                                            "al. 2021's FedAdam has none)")
     # gradient masked averaging (algorithms with GMA only)
     gma_tau: float = _setting(0.4, "agreement threshold tau in [0, 1]")
     gma_mask: str = _setting("soft", "mask kind", MASK_KINDS)
@@ -200,6 +203,13 @@ class Config:
         if self.fedpvr_start_layer not in names:
             raise ValueError(f"fedpvr_start_layer: {self.fedpvr_start_layer!r} is not a parameter "
                              f"of model {self.model!r}; valid: {', '.join(names)}")
+        if self.server_bias_correction and not any(
+                (server_optimizer_of(name) or self.server_optimizer) == "adam"
+                for name in self.algorithms):
+            raise ValueError("server_bias_correction applies to a server adam: set "
+                             "server_optimizer='adam' or run fedadam")
+        if self.server_bias_correction and max(self.server_beta1, self.server_beta2) == 1.0:
+            raise ValueError("server_bias_correction needs server_beta1 < 1 and server_beta2 < 1")
         if self.gma_rescale and self.gma_mask_placement == "after":
             for name in self.algorithms:
                 kind = server_optimizer_of(name) or self.server_optimizer

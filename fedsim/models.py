@@ -10,7 +10,7 @@ import functools
 import torch
 from torch import nn
 
-MODELS: tuple[str, ...] = ("cnn", "mlp", "resnet")
+MODELS: tuple[str, ...] = ("cnn", "mlp", "leaky-mlp", "resnet")
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -26,6 +26,8 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
         model: nn.Module = CNN(c, h, w, num_classes)
     elif name == "mlp":
         model = MLP(c * h * w, num_classes)
+    elif name == "leaky-mlp":
+        model = MLP(c * h * w, num_classes, hidden=256, depth=3, activation=nn.LeakyReLU)
     else:
         model = ResNet8(c, num_classes)
     return model.float()
@@ -72,17 +74,18 @@ class CNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """McMahan et al.'s (2017) "2NN": two hidden layers of 200 ReLU units."""
+    """``depth`` hidden layers of ``hidden`` units, each followed by ``activation``. The
+    defaults are McMahan et al.'s (2017) "2NN" (two hidden layers of 200 ReLU units, model
+    ``mlp``); ``leaky-mlp`` is the synthetic-task MLP of Parascandolo et al. (2021), three
+    hidden layers of 256 LeakyReLU units."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 200) -> None:
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 200, depth: int = 2,
+                 activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-        )
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i in range(depth):
+            layers += [nn.Linear(in_features if i == 0 else hidden, hidden), activation()]
+        self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ class Server:
             momentum=config.server_momentum, beta1=config.server_beta1,
             beta2=config.server_beta2, eps=config.server_eps,
             mask_placement=config.gma_mask_placement,
+            bias_correction=config.server_bias_correction and kind == "adam",
             tau=config.gma_tau if masked else 0.0, mask=config.gma_mask,
             weighted_agreement=config.gma_weighted_agreement,
             rescale=masked and config.gma_rescale)

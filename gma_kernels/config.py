@@ -6,6 +6,7 @@ the formula that uses them is in ``formula.py``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -135,7 +136,9 @@ class StepConfig:
     sgd ``w += η g``; momentum ``v = β v + g, w += η v``; adam/yogi/adagrad
     ``m = β1 m + (1−β1) g``, ``v`` per kind, ``w += η m / (√v + ε)``. With
     ``mask_placement="after"`` the state sees the unmasked average and the mask multiplies the
-    step (``masks_step``).
+    step (``masks_step``). ``bias_correction`` (adam only): ``torch.optim.Adam``'s step
+    ``w += η m̂ / (√v̂ + ε)`` with ``m̂ = m / (1−β1^t)``, ``v̂ = v / (1−β2^t)`` at step ``t``
+    (``at_step``).
     """
 
     kind: OptimizerKind = "sgd"
@@ -145,12 +148,31 @@ class StepConfig:
     beta2: float = 0.99
     eps: float = 1e-3
     mask_placement: Placement = "before"
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.kind, OPTIMIZER_KINDS)
         _check_choice("mask_placement", self.mask_placement, PLACEMENTS)
         for name, bounds in _STEP_BOUNDS:
             object.__setattr__(self, name, _check_finite(name, getattr(self, name), **bounds))
+        object.__setattr__(self, "bias_correction", check_bool("bias_correction",
+                                                               self.bias_correction))
+        if self.bias_correction and self.kind != "adam":
+            raise ValueError(f"bias_correction applies to optimizer 'adam' only, not "
+                             f"{self.kind!r}")
+        if self.bias_correction and max(self.beta1, self.beta2) == 1.0:
+            raise ValueError("bias_correction needs beta1 < 1 and beta2 < 1 (it divides by "
+                             "1 - beta^t)")
+
+    def at_step(self, t: int) -> StepConfig:
+        """The step ``t`` (1, 2, ...) as a step without bias correction: Adam's corrected
+        step is ``η √(1−β2^t) / (1−β1^t) · m / (√v + ε √(1−β2^t))``, so only ``η`` and ``ε``
+        change. Without ``bias_correction``: this config itself."""
+        if not self.bias_correction:
+            return self
+        root = math.sqrt(1.0 - self.beta2 ** t)
+        return dataclasses.replace(self, lr=self.lr * root / (1.0 - self.beta1 ** t),
+                                   eps=self.eps * root, bias_correction=False)
 
     @property
     def state_count(self) -> int:

@@ -21,7 +21,8 @@ class ServerOptimizer:
 
     ``step(updates, weights)`` runs the whole aggregation and the optimizer's state update in one
     fused pass (on GPU). State (``v`` for momentum; ``m``, ``v`` for adam/yogi/adagrad) starts
-    at zero and is saved with ``state_dict()``.
+    at zero and is saved with ``state_dict()``, with ``steps_taken`` (the ``t`` of Adam's
+    ``bias_correction``).
 
     Example::
 
@@ -31,10 +32,12 @@ class ServerOptimizer:
 
     def __init__(self, params: Tensor, kind: OptimizerKind = "sgd", *, lr: float = 1.0,
                  momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3,
-                 mask_placement: Placement = "before", tau: float = 0.4, mask: MaskKind = "soft",
-                 weighted_agreement: bool = False, rescale: bool = False, backend: str = "auto",
+                 mask_placement: Placement = "before", bias_correction: bool = False,
+                 tau: float = 0.4, mask: MaskKind = "soft", weighted_agreement: bool = False,
+                 rescale: bool = False, backend: str = "auto",
                  nonfinite: NonFinitePolicy = "raise") -> None:
-        self._setup(params, StepConfig(kind, lr, momentum, beta1, beta2, eps, mask_placement),
+        self._setup(params, StepConfig(kind, lr, momentum, beta1, beta2, eps, mask_placement,
+                                       bias_correction),
                     MaskConfig(tau, mask, weighted_agreement, rescale), backend, nonfinite)
 
     @classmethod
@@ -63,13 +66,20 @@ class ServerOptimizer:
         self.states = tuple(torch.zeros_like(params) for _ in range(step.state_count))
         self.backend = backend
         self.nonfinite = nonfinite
+        self.steps_taken = 0
 
     def step(self, updates: Updates, weights: Weights = None) -> GMAStats:
         """Aggregate the clients' updates with GMA and step ``params`` (and state) in place."""
         batch = make_batch(updates, weights)
         check_params(self.params, batch)
-        job = Job(batch, self.mask_config, self.step_config, self.params, self.states)
-        return dispatch.execute(job, nonfinite=self.nonfinite, backend=self.backend)
+        job = Job(batch, self.mask_config, self._next_step(), self.params, self.states)
+        stats = dispatch.execute(job, nonfinite=self.nonfinite, backend=self.backend)
+        self.steps_taken += 1
+        return stats
+
+    def _next_step(self) -> StepConfig:
+        """The step config of the coming step (``StepConfig.at_step``)."""
+        return self.step_config.at_step(self.steps_taken + 1)
 
     def step_accumulated(self, accumulator: Accumulator) -> GMAStats:
         """Step from a streaming accumulator's sums instead of a batch of updates."""
@@ -80,10 +90,11 @@ class ServerOptimizer:
         if accumulator.numel != self.params.numel() or device != self.params.device:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
+        step = self._next_step()
         if not self.mask_config.rescale and self.nonfinite != "unchecked":
             k, weight_sum, threshold, scale = accumulator._settings(self.mask_config)
             sums, finite, stepped = dispatch.step_from_sums(
-                self.step_config, self.params, self.states, accumulator.total, accumulator.count,
+                step, self.params, self.states, accumulator.total, accumulator.count,
                 weight_sum, threshold, scale, self.mask_config.mask == "hard",
                 self.mask_config.weighted_agreement, backend=self.backend)
             if not finite:
@@ -91,16 +102,19 @@ class ServerOptimizer:
                                      "optimizer state left unchanged")
             if not stepped:
                 raise NonFiniteError(_STEP_OVERFLOW)
+            self.steps_taken += 1
             return GMAStats(sums, accumulator.numel, k, tuple(accumulator.dropped))
         mean, m, stats = accumulator.finalize(self.mask_config)
-        x, after = (mean, m) if self.step_config.masks_step else (mean.mul_(m), None)
-        if not dispatch.step(self.step_config, self.params, self.states, x, after,
+        x, after = (mean, m) if step.masks_step else (mean.mul_(m), None)
+        if not dispatch.step(step, self.params, self.states, x, after,
                              guard=self.nonfinite != "unchecked", backend=self.backend):
             raise NonFiniteError(_STEP_OVERFLOW)
+        self.steps_taken += 1
         return stats
 
     def state_dict(self) -> dict:
-        return {"config": asdict(self.step_config), "states": [s.clone() for s in self.states]}
+        return {"config": asdict(self.step_config), "states": [s.clone() for s in self.states],
+                "steps_taken": self.steps_taken}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore state saved by ``state_dict`` (same optimizer kind and size, finite values);
@@ -118,5 +132,9 @@ class ServerOptimizer:
             raise ValueError("saved optimizer state does not match the parameter buffer's size")
         if not all(bool(torch.isfinite(t).all()) for t in saved):
             raise ValueError("saved optimizer state holds non-finite values (NaN or inf)")
+        taken = state.get("steps_taken", 0)
+        if isinstance(taken, bool) or not isinstance(taken, int) or taken < 0:
+            raise ValueError(f"saved steps_taken must be an integer >= 0, got {taken!r}")
         for target, source in zip(self.states, saved):
             target.copy_(source)
+        self.steps_taken = taken

@@ -284,3 +284,46 @@ def test_step_accumulated_overflow_leaves_params(kind, native, monkeypatch):
             opt.step_accumulated(acc)
         assert torch.equal(params, torch.full((3,), start))
         assert all(torch.equal(s, torch.full((3,), 0.25)) for s in opt.states)
+
+
+# -- Adam's bias correction ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,path", list(itertools.product(BACKENDS, ("batch", "streaming"))))
+def test_bias_corrected_adam_is_torch_adam(backend, path):
+    """``bias_correction=True`` at τ = 0 steps like ``torch.optim.Adam`` (float64) on the
+    gradient ``−mean(Δ)``, step after step, through a saved and restored state."""
+    params = torch.randn(N, generator=gen(70)).to(DEVICE)
+    hyper = dict(lr=0.01, beta1=0.8, beta2=0.95, eps=1e-6)
+    opt = gk.ServerOptimizer(params, "adam", tau=0.0, bias_correction=True, backend=backend,
+                             **hyper)
+    exact = torch.nn.Parameter(params.cpu().double())
+    torch_adam = torch.optim.Adam([exact], lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
+                                  eps=hyper["eps"])
+    for t in range(1, 6):
+        updates, values, w = make(700 + t, 3, N, scale=10.0 ** -t)  # a shrinking gradient
+        if path == "batch":
+            opt.step(updates, w)
+        else:
+            acc = gk.Accumulator(N, device=DEVICE, backend=backend)
+            acc.add(updates, w)
+            opt.step_accumulated(acc)
+        p = torch.tensor(w, dtype=torch.float64) / sum(w)
+        exact.grad = -(p[:, None] * values.double()).sum(0)
+        torch_adam.step()
+        torch.testing.assert_close(params.cpu().double(), exact.detach(), rtol=1e-5, atol=1e-6)
+        assert opt.steps_taken == t
+        if t == 3:  # a restored optimizer continues at t = 4
+            saved = opt.state_dict()
+            opt = gk.ServerOptimizer(params, "adam", tau=0.0, bias_correction=True,
+                                     backend=backend, **hyper)
+            opt.load_state_dict(saved)
+
+
+def test_bias_correction_changes_the_step():
+    """Uncorrected, Adam's first step is ``(1−β1)/√(1−β2)`` times the corrected one."""
+    a, b = torch.zeros(64), torch.zeros(64)
+    updates, _, w = make(71, 4, 64, scale=0.1)
+    hyper = dict(lr=0.01, tau=0.0, beta1=0.9, beta2=0.999, eps=1e-12, backend="torch")
+    gk.ServerOptimizer(a, "adam", **hyper).step(updates, w)
+    gk.ServerOptimizer(b, "adam", bias_correction=True, **hyper).step(updates, w)
+    torch.testing.assert_close(a, b * (0.1 / 0.001 ** 0.5), rtol=1e-4, atol=0)
