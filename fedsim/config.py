@@ -25,6 +25,7 @@ from .client import ENGINES
 from .data import DATASETS, coloring_of
 from .data.coloring import CLIENT_FLIP_RANGE, check_binary_options
 from .data.splits import SPLITS, check_split_args
+from .data.spirals import check_spiral_options
 from .methods import ALGORITHMS, canonical, is_masked, server_optimizer_of
 from .models import MODELS, parameter_names
 
@@ -70,6 +71,10 @@ class Config:
     reversed_color_fraction: float = _setting(0.0, "binary colored datasets: fraction of the "
                                               "clients whose color rule is reversed (flip "
                                               "probability 1 - p)")
+    spiral_client_size: int = _setting(1024, "spirals: examples per client (environment)")
+    spiral_shortcut_dims: int = _setting(16, "spirals: shortcut features d_S, s_e (2y - 1) in "
+                                         "environment e, noise in the OOD test set")
+    spiral_revolutions: float = _setting(3.0, "spirals: turns of each spiral")
     # model and local training
     model: str = _setting("cnn", "model architecture", MODELS)
     local_epochs: int = _setting(2, "local epochs per round (ignored when local_steps is set)")
@@ -111,6 +116,10 @@ class Config:
     server_beta1: float = _setting(0.9, "server beta1 (adam, yogi, adagrad)")
     server_beta2: float = _setting(0.99, "server beta2 (adam, yogi)")
     server_eps: float = _setting(1e-3, "server epsilon (adam, yogi, adagrad)")
+    server_weight_decay: float = _setting(0.0, "server L2 weight lambda: the server optimizer "
+                                          "steps on m * mean(delta) - lambda w (every "
+                                          "coordinate decays, masked or not, as with "
+                                          "torch.optim.Adam's weight_decay on a masked gradient)")
     server_bias_correction: bool = _setting(False, "server adam with torch.optim.Adam's bias "
                                             "correction m/(1-beta1^t), v/(1-beta2^t) (Reddi et "
                                             "al. 2021's FedAdam has none)")
@@ -192,6 +201,7 @@ class Config:
         for name in ("server_momentum", "server_beta1", "server_beta2", "gma_tau"):
             _number(name, getattr(self, name), low=0.0, high=1.0)
         _number("server_eps", self.server_eps, low=0.0, low_open=True)
+        _number("server_weight_decay", self.server_weight_decay, low=0.0)
         for name in ("momentum_server_lr", "adaptive_server_lr", "gma_server_lr",
                      "fedgma_v1_server_lr"):
             if getattr(self, name) is not None:
@@ -210,6 +220,9 @@ class Config:
                              "server_optimizer='adam' or run fedadam")
         if self.server_bias_correction and max(self.server_beta1, self.server_beta2) == 1.0:
             raise ValueError("server_bias_correction needs server_beta1 < 1 and server_beta2 < 1")
+        if self.server_weight_decay and self.gma_mask_placement == "after":
+            raise ValueError("server_weight_decay needs gma_mask_placement='before' (the L2 "
+                             "term joins the masked average the optimizer sees)")
         if self.gma_rescale and self.gma_mask_placement == "after":
             for name in self.algorithms:
                 kind = server_optimizer_of(name) or self.server_optimizer
@@ -229,10 +242,30 @@ class Config:
                    if getattr(self, name) != default]
         if self.split == "binary-skew":
             changed.append("split 'binary-skew'")
+        self._check_spirals()
         if changed and coloring_of(self.dataset) != "binary":
             raise ValueError(f"{', '.join(changed)} apply to the binary colored datasets only "
                              f"(colored-digits, colored-mnist, colored-fashion-mnist), not "
                              f"{self.dataset!r}")
+
+    def _check_spirals(self) -> None:
+        check_spiral_options(self.spiral_client_size, self.spiral_shortcut_dims,
+                             self.spiral_revolutions)
+        spiral = [f.name for f in dataclasses.fields(self)
+                  if f.name.startswith("spiral_") and getattr(self, f.name) != f.default]
+        if self.dataset != "spirals":
+            if spiral:
+                raise ValueError(f"{', '.join(spiral)} apply to dataset 'spirals' only, not "
+                                 f"{self.dataset!r}")
+            return
+        if self.model not in ("mlp", "leaky-mlp"):
+            raise ValueError(f"dataset 'spirals' holds feature vectors: model must be mlp or "
+                             f"leaky-mlp, not {self.model!r}")
+        split = [f.name for f in dataclasses.fields(self) if f.name in _SPLIT_SETTINGS
+                 and getattr(self, f.name) != f.default]
+        if split:
+            raise ValueError(f"{', '.join(split)} do not apply to dataset 'spirals' (one "
+                             "environment per client)")
 
     def torch_device(self) -> torch.device:
         """The device to run on ("auto": CUDA when available)."""
@@ -297,6 +330,8 @@ class Config:
         return "".join(f"{k} = {toml_value(v)}\n" for k, v in self.to_dict().items() if v is not None)
 
 
+#: the settings of how a dataset is split among clients
+_SPLIT_SETTINGS = ("split", "alpha", "min_client_size", "max_train")
 #: each setting's type, by name
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Config)
 

@@ -203,7 +203,8 @@ def color_reliance(model: nn.Module, x: Tensor) -> float:
 
 _DATA_FIELDS = ("dataset", "num_clients", "split", "alpha", "data_dir", "download",
                 "min_client_size", "max_train", "validation_fraction", "label_noise",
-                "color_flip_range", "reversed_color_fraction")
+                "color_flip_range", "reversed_color_fraction", "spiral_client_size",
+                "spiral_shortcut_dims", "spiral_revolutions")
 
 
 def read_data(config: Config, seed: int) -> FederatedDataset:

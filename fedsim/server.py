@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from gma_kernels import Accumulator, FlatParams, GMAStats, MaskConfig, ServerOptimizer, masked_mean
+from gma_kernels import (Accumulator, FlatParams, GMAStats, MaskConfig, ServerOptimizer, StepConfig,
+                         masked_mean)
 
 from .config import Config
 from .distributed import Collective
@@ -26,15 +27,16 @@ class Server:
         self.comm = comm or Collective()
         self.flat = FlatParams(model)
         kind = optimizer or config.server_optimizer
-        self.optimizer = ServerOptimizer(
-            self.flat.buffer, kind, lr=config.server_lr_for(kind, masked),
-            momentum=config.server_momentum, beta1=config.server_beta1,
-            beta2=config.server_beta2, eps=config.server_eps,
-            mask_placement=config.gma_mask_placement,
-            bias_correction=config.server_bias_correction and kind == "adam",
-            tau=config.gma_tau if masked else 0.0, mask=config.gma_mask,
-            weighted_agreement=config.gma_weighted_agreement,
-            rescale=masked and config.gma_rescale)
+        self.mask = MaskConfig(config.gma_tau if masked else 0.0, config.gma_mask,
+                               config.gma_weighted_agreement, masked and config.gma_rescale)
+        self.weight_decay = config.server_weight_decay
+        step = StepConfig(kind, config.server_lr_for(kind, masked), config.server_momentum,
+                          config.server_beta1, config.server_beta2, config.server_eps,
+                          config.gma_mask_placement,
+                          config.server_bias_correction and kind == "adam")
+        # with weight decay the mask is applied before the optimizer sees g (Aggregation.step)
+        self.optimizer = ServerOptimizer.from_configs(
+            self.flat.buffer, step, MaskConfig(0.0) if self.weight_decay else self.mask)
 
     @property
     def params(self) -> Tensor:
@@ -45,7 +47,7 @@ class Server:
         """An empty aggregation for a round whose clients come in ``chunks`` cohorts on this
         rank; ``mask``: the mask of ``Aggregation.masked_mean`` (default: the optimizer's)."""
         return Aggregation(self, streaming=chunks != 1 or self.comm.distributed,
-                           mask=mask or self.optimizer.mask_config)
+                           mask=mask or self.mask)
 
     def step(self, updates: Tensor | Sequence[Tensor], weights: Sequence[float]) -> GMAStats:
         """Aggregate one batch of flat updates (a ``[C, N]`` matrix or C rows, read where they
@@ -95,7 +97,15 @@ class Aggregation:
         return self.server.comm.reduce_accumulator(self._acc)
 
     def step(self) -> GMAStats:
-        """Step the server optimizer with the aggregate (every rank the same step)."""
+        """Step the server optimizer with the aggregate (every rank the same step). With the
+        server's ``weight_decay`` λ the optimizer steps on ``g = m ⊙ Σ p̄_k Δ_k − λ w``: L2
+        on every coordinate, masked or not, as ``torch.optim.Adam``'s ``weight_decay`` adds
+        it to a masked gradient."""
+        if self.server.weight_decay:
+            g, stats = self.masked_mean()
+            g.add_(self.server.params, alpha=-self.server.weight_decay)
+            self.server.optimizer.step(g[None], [1.0])
+            return stats
         if self._acc is None:
             return self.server.optimizer.step(*self._batch)
         return self.server.optimizer.step_accumulated(self._reduced())

@@ -21,6 +21,7 @@ from .coloring import (
     noisy_labels,
 )
 from .sources import load_source
+from .spirals import check_spiral_options, spiral_sets
 from .splits import check_split_args, split_indices
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -37,6 +38,7 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "colored-fashion-mnist-10": ("fashion-mnist", "multiclass"),
     "fashion-mnist": ("fashion-mnist", None),
     "cifar10": ("cifar10", None),
+    "spirals": ("spirals", None),
 }
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -85,6 +87,9 @@ def load_federated(
     label_noise: float = 0.0,
     color_flip_range: tuple[float, float] = CLIENT_FLIP_RANGE,
     reversed_color_fraction: float = 0.0,
+    spiral_client_size: int = 1024,
+    spiral_shortcut_dims: int = 16,
+    spiral_revolutions: float = 3.0,
 ) -> FederatedDataset:
     """Load dataset ``name`` (one of :data:`DATASETS`), split it among ``num_clients`` clients.
 
@@ -96,7 +101,10 @@ def load_federated(
     one in-distribution validation set. Binary coloring only: ``label_noise`` flips each label
     (every set) before the color is drawn from it; each client's color-flip probability is
     uniform in ``color_flip_range``, reversed (``1 − p``) for a ``reversed_color_fraction`` of
-    the clients. Everything is deterministic given ``seed``.
+    the clients. ``spirals`` (``fedsim.data.spirals``) makes one environment of
+    ``spiral_client_size`` examples per client, ``spiral_shortcut_dims`` shortcut features and
+    ``spiral_revolutions`` turns (the split settings do not apply). Everything is deterministic
+    given ``seed``.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -115,6 +123,13 @@ def load_federated(
         raise ValueError(f"label_noise, color_flip_range and reversed_color_fraction apply to "
                          f"the binary colored datasets only, not {name!r}")
     check_binary_options(**options)
+    if source == "spirals":
+        check_spiral_options(spiral_client_size, spiral_shortcut_dims, spiral_revolutions)
+        clients, test, ood_test = spiral_sets(seed, num_clients, spiral_client_size,
+                                              spiral_shortcut_dims, spiral_revolutions)
+        meta = {"source": source, "coloring": None, "seed": seed,
+                "shortcut_dims": spiral_shortcut_dims, "revolutions": spiral_revolutions}
+        return _assembled(name, clients, test, ood_test, 2, meta, validation_fraction)
 
     raw = load_source(source, data_dir, download)
     x, y = raw.train
@@ -138,7 +153,14 @@ def load_federated(
         num_classes = 2
     elif coloring == "multiclass":
         clients, test, ood_test = _color_multiclass(clients, raw.test, seed)
-    clients, validation = _hold_out(clients, validation_fraction, seed)
+    return _assembled(name, clients, test, ood_test, num_classes, meta, validation_fraction)
+
+
+def _assembled(name: str, clients: list[Split], test: Split, ood_test: Split | None,
+               num_classes: int, meta: dict[str, Any], validation_fraction: float
+               ) -> FederatedDataset:
+    """The dataset, with each client's ``validation_fraction`` held out (``_hold_out``)."""
+    clients, validation = _hold_out(clients, validation_fraction, meta["seed"])
     if validation is not None:
         meta["validation_fraction"] = validation_fraction
     c, h, w = clients[0][0].shape[1:]
