@@ -32,7 +32,7 @@ def test_defaults_are_valid_and_compare_fedavg_with_fedgma():
     ({"threads": -1}, "threads must be >= 0"),
     ({"num_clients": 0}, "num_clients"),
     ({"dataset": "svhn"}, "dataset: unknown name 'svhn'; valid: colored-digits, colored-digits-10"),
-    ({"model": "vit"}, "model: unknown name 'vit'; valid: cnn, mlp, resnet"),
+    ({"model": "vit"}, "model: unknown name 'vit'; valid: cnn, mlp, leaky-mlp"),
     ({"algorithms": ("fedavg", "fedfoo")}, "algorithms: unknown name 'fedfoo'; valid: fedavg, fedgma"),
     ({"algorithms": ()}, "algorithms is empty"),
     ({"algorithms": ("fedavg", "fedavg")}, "algorithms has duplicates"),

@@ -48,7 +48,7 @@ def test_float32_even_with_float64_default():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="cnn, mlp, resnet"):
+    with pytest.raises(ValueError, match="cnn, mlp, leaky-mlp"):
         build_model("vgg", (1, 28, 28), 10)
     with pytest.raises(ValueError, match="input_shape"):
         build_model("mlp", (28, 28), 10)

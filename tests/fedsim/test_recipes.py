@@ -13,10 +13,28 @@ def test_every_recipe_builds(name, scale):
     assert cells and all(c.config.validation_fraction > 0 for c in cells)
     assert len(cells[0].config.seeds) >= 5  # paired comparisons over at least 5 seeds
     for c in cells:
-        if scale == "full":
+        if name == "and-mask-spirals":
+            assert c.config.dataset == "spirals"
+        elif scale == "full":
             assert c.config.dataset.startswith(("colored-mnist", "colored-fashion-mnist"))
         else:
             assert c.config.dataset.startswith("colored-digits")
+
+
+def test_the_positive_control_is_the_and_mask_as_fedsgd():
+    """Every client every round, one local step; the AND-mask's cell is a hard mask at τ = 1,
+    rescaled, on server Adam with bias correction and L2 after the mask; FedAvg runs once per
+    number of local steps."""
+    sweep = build("and-mask-spirals", "small")
+    cells = {c.name: c.config for c in sweep.cells()}
+    and_mask = cells["local_steps=1,gma_mask=hard,gma_tau=1.0"]
+    assert and_mask.algorithms == ("fedgma",) and and_mask.gma_rescale
+    assert (and_mask.local_steps, and_mask.clients_per_round) == (1, and_mask.num_clients)
+    assert (and_mask.server_optimizer, and_mask.server_bias_correction,
+            and_mask.server_weight_decay) == ("adam", True, 1e-3)
+    assert cells["local_steps=1"].algorithms == ("fedavg",)
+    assert sorted({c.config.local_steps for c in build("and-mask-spirals", "full").cells()}) \
+        == [1, 2, 5, 20]
 
 
 def test_the_workshop_setting_is_literal():
