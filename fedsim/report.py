@@ -7,17 +7,43 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .io import atomic_write
-from .methods import plain_name
+from .methods import is_masked, plain_name, server_optimizer_of
+
+if TYPE_CHECKING:
+    from .config import Config
 
 #: one metrics row per round per method per seed; evaluation columns are None between
 #: evaluations; ``diverged`` is True on the last row of a run stopped by a non-finite update
 COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreement",
-           "floats_down", "floats_up", "comm_vs_fedavg", "val_acc", "val_loss", "test_acc",
-           "test_loss", "ood_acc", "ood_loss", "color_reliance", "diverged")
+           "floats_down", "floats_up", "comm_vs_fedavg", "val_acc", "val_loss", "ood_val_acc",
+           "ood_val_loss", "test_acc", "test_loss", "ood_acc", "ood_loss", "color_reliance",
+           "diverged")
 FINAL_METRICS = ("test_acc", "ood_acc")
+#: what the project found about a GMA method that takes another server step than FedAvg
+STEP_FINDING = ("at an equal server step GMA was not ahead of FedAvg on colored digits "
+                "(see docs/fedsim-experiments.md)")
+
+
+def server_step(method: str, config: Config) -> tuple[str, float]:
+    """(server optimizer, server learning rate) of ``method`` in a run of ``config``."""
+    kind = server_optimizer_of(method) or config.server_optimizer
+    return kind, config.server_lr_for(kind, is_masked(method))
+
+
+def _step_text(kind: str, lr: float, *, with_kind: bool = True) -> str:
+    return f"{kind + ', ' if with_kind else ''}server lr {lr:g}"
+
+
+def method_label(method: str, config: Config | None) -> str:
+    """``method`` with its server step and, with GMA, its mask and τ:
+    ``fedgma (sgd, server lr 2, soft τ=0.2)``; the bare name without a config."""
+    if config is None:
+        return method
+    gma = f", {config.gma_mask} τ={config.gma_tau:g}" if is_masked(method) else ""
+    return f"{method} ({_step_text(*server_step(method, config))}{gma})"
 
 
 def write_metrics(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -86,34 +112,57 @@ def _render(header: tuple[str, ...], lines: list[tuple[str, ...]], markdown: boo
     return "\n".join([fmt.format(*header), rule, *(fmt.format(*r) for r in lines)])
 
 
-def format_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: bool = False) -> str:
-    """One line per method: accuracy in % as mean ± std over seeds, and the communication per
-    round (millions of floats, up and down, all sampled clients; and as a multiple of FedAvg's).
-    Plain text, or a Markdown table."""
+def format_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: bool = False,
+                 config: Config | None = None) -> str:
+    """One line per method (``method_label``, given the run's ``config``): accuracy in % as
+    mean ± std over seeds, and the communication per round (millions of floats, up and down,
+    all sampled clients; and as a multiple of FedAvg's). Plain text, or a Markdown table."""
     header = ("method", "seeds", "ID accuracy %", "OOD accuracy %", "comm MFloats/round",
               "comm ×FedAvg")
-    lines = [(m, str(len(s["test_acc"]["per_seed"])), _accuracy_cell(s["test_acc"]),
-              _accuracy_cell(s["ood_acc"]), *_comm_cells(s)) for m, s in summary.items()]
+    lines = [(method_label(m, config), str(len(s["test_acc"]["per_seed"])),
+              _accuracy_cell(s["test_acc"]), _accuracy_cell(s["ood_acc"]), *_comm_cells(s))
+             for m, s in summary.items()]
     return _render(header, lines, markdown)
 
 
-def format_paired(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+def _pair_names(method: str, base: str, config: Config | None) -> tuple[str, bool]:
+    """``method − base``, each with its server step where the steps differ (the optimizer only
+    where that differs); and whether they differ in size only."""
+    if config is None or server_step(method, config) == server_step(base, config):
+        return f"{method} − {base}", False
+    (kind, lr), (base_kind, base_lr) = server_step(method, config), server_step(base, config)
+    shown = kind != base_kind
+    return (f"{method} ({_step_text(kind, lr, with_kind=shown)}) − "
+            f"{base} ({_step_text(base_kind, base_lr, with_kind=shown)})"), not shown
+
+
+def format_paired(summary: dict[str, dict[str, dict[str, Any]]], *,
+                  config: Config | None = None) -> str:
     """One line per method after the first: its final ID and OOD accuracy minus the first
-    method's, paired by seed (mean ± std over the common seeds, in points)."""
-    methods = list(summary)
-    lines = []
-    for method in methods[1:]:
+    method's, paired by seed (mean ± std over the common seeds, in points). Given the run's
+    ``config``, a pair whose server steps differ names them, and where they differ in size
+    only, a last line says so and what the project found at an equal step (``STEP_FINDING``)."""
+    if len(summary) < 2:
+        return ""
+    base, *others = summary
+    lines, resized = [], []
+    for method in others:
+        names, sized = _pair_names(method, base, config)
         cells = []
         for metric, label in (("test_acc", "ID"), ("ood_acc", "OOD")):
-            ours, theirs = summary[method][metric]["per_seed"], summary[methods[0]][metric]["per_seed"]
+            ours, theirs = summary[method][metric]["per_seed"], summary[base][metric]["per_seed"]
             diffs = [100 * (ours[s] - theirs[s]) for s in ours
                      if s in theirs and ours[s] is not None and theirs[s] is not None]
             if diffs:
                 std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
                 cells.append(f"{label} {statistics.fmean(diffs):+.2f} ± {std:.2f}")
         if cells:
-            lines.append(f"{method} − {methods[0]}, paired over {len(ours)} seed(s): "
-                         f"{', '.join(cells)} points")
+            lines.append(f"{names}, paired over {len(ours)} seed(s): {', '.join(cells)} points")
+            resized += [method] if sized else []
+    if resized:
+        larger = server_step(resized[0], config)[1] > server_step(base, config)[1]
+        lines.append(f"note: the paired difference comes with a {'larger' if larger else 'smaller'}"
+                     f" server step for {', '.join(resized)}; {STEP_FINDING}")
     return "\n".join(lines)
 
 
@@ -137,12 +186,17 @@ def format_gma_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown:
     return _render(header, lines, markdown)
 
 
-def write_results(run_dir: Path, summary: dict, **extra: Any) -> None:
-    """``results.json`` (the summary and ``extra``) and ``results.md`` (the Markdown tables:
-    per method, then each algorithm beside its GMA twin)."""
-    atomic_write(run_dir / "results.json", json.dumps({"summary": summary, **extra}, indent=2) + "\n")
-    atomic_write(run_dir / "results.md", format_table(summary, markdown=True) + "\n\n"
-                 + format_gma_table(summary) + "\n")
+def write_results(run_dir: Path, summary: dict, *, config: Config | None = None,
+                  **extra: Any) -> None:
+    """``results.json`` (the summary, the run's ``config`` and ``extra``) and ``results.md``
+    (the Markdown table per method, the paired differences, then each algorithm beside its GMA
+    twin; labelled as ``format_table`` and ``format_paired`` do given ``config``)."""
+    settings = {} if config is None else {"config": config.to_dict()}
+    atomic_write(run_dir / "results.json",
+                 json.dumps({"summary": summary, **settings, **extra}, indent=2) + "\n")
+    paired = format_paired(summary, config=config)
+    atomic_write(run_dir / "results.md", format_table(summary, markdown=True, config=config)
+                 + "\n\n" + (paired + "\n\n" if paired else "") + format_gma_table(summary) + "\n")
 
 
 def pyplot():  # noqa: ANN201 - the matplotlib.pyplot module
@@ -161,10 +215,14 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:  # noqa: ANN001 - a Fi
     atomic_write(path, buffer.getvalue())
 
 
-def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """``accuracy.png``: accuracy per round per method, mean over seeds (ID solid, OOD dashed)."""
+def plot_accuracy(run_dir: Path, rows: Sequence[dict[str, Any]],
+                  config: Config | None = None) -> None:
+    """``accuracy.png``: accuracy per round per method, mean over seeds (ID solid, OOD dashed);
+    titled with each method's ``method_label`` given the run's ``config``."""
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    if config is not None:
+        ax.set_title("\n".join(method_label(m, config) for m in methods), fontsize=9)
     for i, method in enumerate(methods):
         color = f"C{i}"
         for metric, style, label in (("test_acc", "-", "ID"), ("ood_acc", "--", "OOD")):

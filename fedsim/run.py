@@ -183,11 +183,11 @@ def write_run_results(run_dir: Path, config: Config, rows: list[dict[str, Any]],
     """A finished run's ``results.json``/``results.md`` and ``accuracy.png``; its summary.
     ``seconds``: this invocation's time (the run's total comes from its checkpoints)."""
     summary = summarize(rows)
-    write_results(run_dir, summary, config=config.to_dict(), resumed=resumed,
+    write_results(run_dir, summary, config=config, resumed=resumed,
                   wall_time_s=run_time(run_dir, seconds), torch=torch.__version__,
                   device=str(config.torch_device()), threads=torch.get_num_threads(),
                   world_size=world_size)
-    plot_accuracy(run_dir, rows)
+    plot_accuracy(run_dir, rows, config)
     return summary
 
 
@@ -244,8 +244,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             summary = write_run_results(run_dir, config, rows, resumed=resume,
                                         seconds=time.perf_counter() - start,
                                         world_size=comm.world_size)
-            print(format_table(summary))
-            paired = format_paired(summary)
+            print(format_table(summary, config=config))
+            paired = format_paired(summary, config=config)
             if paired:
                 print(paired)
             return summary

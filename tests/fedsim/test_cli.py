@@ -74,6 +74,10 @@ def test_two_round_run_writes_the_whole_run_folder(tmp_path, tiny, flags, capsys
     assert {p.stat().st_mode & 0o777 for p in run_dir.iterdir()} == {FILE_MODE}  # the umask's
     out = capsys.readouterr().out
     assert f"run folder: {run_dir}" in out and "OOD accuracy %" in out
+    # an equal server step: labelled rows, a plain paired line and no note about the step
+    assert "\nfedavg (sgd, server lr 1)  " in out
+    assert "\nfedgma (sgd, server lr 1, soft τ=0.4)  " in out
+    assert "\nfedgma − fedavg, paired over 1 seed(s): " in out and "note:" not in out
 
     assert Config.from_toml(run_dir / "config.toml") == Config(**settings)
     results = json.loads((run_dir / "results.json").read_text())
@@ -87,6 +91,25 @@ def test_two_round_run_writes_the_whole_run_folder(tmp_path, tiny, flags, capsys
     model = build_model("mlp", (3, 8, 8), 2)
     model.load_state_dict(state)
     assert all(t.untyped_storage().nbytes() == t.numel() * 4 for t in state.values())  # not views
+
+
+def test_a_larger_gma_step_is_named_on_screen_and_in_results_md(tmp_path, tiny, flags, capsys):
+    main(["--quiet", *flags({**tiny, "rounds": 1, "eval_every": 1, "gma_server_lr": 2.0,
+                             "gma_tau": 0.2, "out_dir": str(tmp_path)})])
+    out = capsys.readouterr().out
+    (run_dir,) = tmp_path.iterdir()
+    markdown = (run_dir / "results.md").read_text()
+    assert "\nfedavg (sgd, server lr 1)  " in out
+    assert "\nfedgma (sgd, server lr 2, soft τ=0.2)  " in out
+    assert "| fedavg (sgd, server lr 1) |" in markdown
+    assert "| fedgma (sgd, server lr 2, soft τ=0.2) |" in markdown
+    paired = [line for line in out.splitlines() if "paired over" in line]
+    assert len(paired) == 1
+    assert paired[0].startswith("fedgma (server lr 2) − fedavg (server lr 1), ")
+    note = out.splitlines()[-1]
+    assert note.startswith("note: the paired difference comes with a larger server step for fedgma")
+    assert "at an equal server step GMA was not ahead of FedAvg" in note
+    assert paired[0] in markdown and note in markdown
 
 
 def test_toml_config_with_flags_on_top(tmp_path, tiny):

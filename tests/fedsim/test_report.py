@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from fedsim.report import format_gma_table, format_paired, format_table, summarize, write_results
+from fedsim.config import Config
+from fedsim.report import (STEP_FINDING, format_gma_table, format_paired, format_table,
+                           method_label, plot_accuracy, summarize, write_results)
 
 
 def row(method, seed, round_, test, ood):
@@ -70,3 +72,71 @@ def test_written_results_hold_both_tables_and_the_summary(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert format_table(summary, markdown=True) in text
     assert format_gma_table(summary) in text
+
+
+#: FedGMA at twice FedAvg's server step (the default run's kind of comparison)
+LARGER_STEP = Config(model="mlp", gma_server_lr=2.0, gma_tau=0.2, adaptive_server_lr=0.05)
+NOTE = f"note: the paired difference comes with a larger server step for fedgma; {STEP_FINDING}"
+
+
+@pytest.mark.parametrize("method, label", [
+    ("fedavg", "fedavg (sgd, server lr 1)"),
+    ("fedgma", "fedgma (sgd, server lr 2, soft τ=0.2)"),
+    ("scaffold+gma", "scaffold+gma (sgd, server lr 2, soft τ=0.2)"),
+    ("fedadam", "fedadam (adam, server lr 0.05)"),
+    ("fedadam+gma", "fedadam+gma (adam, server lr 0.05, soft τ=0.2)"),
+])
+def test_method_label_names_the_server_step_and_the_mask(method, label):
+    assert method_label(method, LARGER_STEP) == label
+    assert method_label(method, None) == method
+
+
+def test_a_hard_mask_at_the_plain_step_is_labelled_so():
+    config = Config(model="mlp", server_lr=0.5, gma_mask="hard", gma_tau=0.8)
+    assert method_label("fedgma", config) == "fedgma (sgd, server lr 0.5, hard τ=0.8)"
+
+
+def test_table_rows_carry_the_labels():
+    lines = format_table(summarize(ROWS), config=LARGER_STEP).splitlines()
+    assert lines[2].startswith("fedavg (sgd, server lr 1)  ")
+    assert lines[3].split("  ")[:2] == ["fedgma (sgd, server lr 2, soft τ=0.2)", "2"]
+    markdown = format_table(summarize(ROWS), markdown=True, config=LARGER_STEP).splitlines()
+    assert markdown[3].startswith("| fedgma (sgd, server lr 2, soft τ=0.2) | 2 | 73.50 ± 2.12 |")
+
+
+def test_paired_line_names_different_steps_and_says_what_an_equal_step_showed():
+    lines = format_paired(summarize(ROWS), config=LARGER_STEP).splitlines()
+    assert lines == ["fedgma (server lr 2) − fedavg (server lr 1), paired over 2 seed(s): "
+                     "ID -1.50 ± 4.95, OOD -25.00 ± 21.21 points", NOTE]
+    smaller = Config(model="mlp", gma_server_lr=0.5)
+    assert format_paired(summarize(ROWS), config=smaller).splitlines()[1].startswith(
+        "note: the paired difference comes with a smaller server step for fedgma; ")
+
+
+def test_paired_line_at_an_equal_step_is_plain_and_has_no_note():
+    equal = Config(model="mlp", gma_server_lr=1.0)
+    assert format_paired(summarize(ROWS), config=equal) == format_paired(summarize(ROWS))
+
+
+def test_paired_line_names_the_optimizers_when_they_differ_without_the_note():
+    rows = [{**r, "method": "fedadam"} if r["method"] == "fedgma" else r for r in ROWS]
+    assert format_paired(summarize(rows), config=LARGER_STEP) == (
+        "fedadam (adam, server lr 0.05) − fedavg (sgd, server lr 1), paired over 2 seed(s): "
+        "ID -1.50 ± 4.95, OOD -25.00 ± 21.21 points")
+
+
+def test_written_results_are_labelled_and_carry_the_note(tmp_path):
+    summary = summarize(ROWS)
+    write_results(tmp_path, summary, config=LARGER_STEP)
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["gma_server_lr"] == 2.0
+    text = (tmp_path / "results.md").read_text()
+    assert format_table(summary, markdown=True, config=LARGER_STEP) in text
+    assert format_paired(summary, config=LARGER_STEP) in text and NOTE in text
+
+
+def test_plot_title_holds_each_label(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr("fedsim.report.save_figure",
+                        lambda fig, path: titles.append(fig.axes[0].get_title()))
+    plot_accuracy(tmp_path, ROWS, LARGER_STEP)
+    assert titles == ["fedavg (sgd, server lr 1)\nfedgma (sgd, server lr 2, soft τ=0.2)"]
