@@ -48,6 +48,10 @@ from .batched import chain_forward, chain_gradient, chain_of
 #: ``hook(grads, params, rows)``: may edit the gradients ``grads`` ([c, N], rows ``rows`` of
 #: the cohort, whose parameters are ``params``) before each local step
 GradHook = Callable[[Tensor, Tensor, slice], None]
+#: ``loss(logits, labels, weight)``: each client's loss (``[c]``) on its batch from the logits
+#: (``[c, b, K]``), labels (``[c, b]``) and example weights (``[c, b]``: ``1/b``, 0 for
+#: padding), in place of the default ``weighted_cross_entropy`` (no by-hand MLP gradient then)
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 ENGINES: tuple[str, ...] = ("auto", "cohort", "sequential")
 
 
@@ -248,17 +252,18 @@ class Trainer:
         return Cohort(list(ids), [self.data.sizes[k] for k in ids], global_params, params,
                       self._grads[:c], list(generators))
 
-    def train(self, cohort: Cohort, hook: GradHook | None = None, *, steps: int | None = None,
-              last_gradient: bool = False) -> Tensor:
-        """Local SGD of every client of ``cohort`` from its ``params`` (``steps`` overrides the
-        configured steps); returns each client's mean loss over its steps (``[C]``).
+    def train(self, cohort: Cohort, hook: GradHook | None = None, *, loss: LossFn | None = None,
+              steps: int | None = None, last_gradient: bool = False) -> Tensor:
+        """Local SGD of every client of ``cohort`` from its ``params`` on ``loss`` (default:
+        cross-entropy; ``steps`` overrides the configured steps); returns each client's mean
+        loss over its steps (``[C]``).
         ``last_gradient``: leave each client's last step's gradient (hook included) in
         ``grads`` (else ``grads`` is scratch space)."""
         counts = [steps or local_steps_of(n, self.batch_size, self.local_epochs, self.local_steps)
                   for n in cohort.sizes]
         plan = shuffled_plan(self.data, cohort.ids, cohort.generators, self.batch_size, counts)
         cohort.steps = counts
-        return self._descend(cohort, plan, hook, last_gradient)
+        return self._descend(cohort, plan, hook, last_gradient, loss)
 
     def full_gradient(self, cohort: Cohort, chunk: int = 1024) -> Tensor:
         """``∇f_k`` at ``params`` over all of each client's data (mean loss, weight decay
@@ -271,7 +276,7 @@ class Trainer:
         return cohort.grads
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
-                 last_gradient: bool) -> Tensor:
+                 last_gradient: bool, loss: LossFn | None) -> Tensor:
         raise NotImplementedError
 
     def _accumulate(self, cohort: Cohort, plan: Plan) -> None:
@@ -306,13 +311,11 @@ class CohortTrainer(Trainer):
         x, y = self.data.x.index_select(0, flat), self.data.y.index_select(0, flat)
         return x.view(*index.shape, *x.shape[1:]), y.view(index.shape)
 
-    def _losses(self, leaves: dict[str, Tensor], index: Tensor, weight: Tensor) -> Tensor:
-        """Each client's weighted loss on its batch: ``L_k = Σ_i w_ki CE(x_ki, y_ki)``."""
-        c, b = index.shape
+    def _losses(self, leaves: dict[str, Tensor], index: Tensor, weight: Tensor,
+                loss: LossFn | None = None) -> Tensor:
+        """Each client's ``loss`` on its batch (default ``L_k = Σ_i w_ki CE(x_ki, y_ki)``)."""
         x, y = self._examples(index)
-        ce = F.cross_entropy(self._forward(leaves, x).reshape(c * b, -1), y.reshape(-1),
-                             reduction="none")
-        return (ce.view(c, b) * weight).sum(1)
+        return (loss or weighted_cross_entropy)(self._forward(leaves, x), y, weight)
 
     def _gradients(self, leaves: dict[str, Tensor], losses: Tensor) -> tuple[Tensor, ...]:
         with warnings.catch_warnings():  # the views are strided by N: autograd says so
@@ -320,8 +323,8 @@ class CohortTrainer(Trainer):
             return torch.autograd.grad(losses.sum(), list(leaves.values()))
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
-                 last_gradient: bool) -> Tensor:
-        """The local steps. A step that every client takes with no hook steps each model
+                 last_gradient: bool, loss: LossFn | None) -> Tensor:
+        """The local steps (``chain_gradient`` only for the default loss). A step that every client takes with no hook steps each model
         tensor from its fresh gradient: with autograd, ``grads`` is written only at some
         client's last step, and only for ``last_gradient``; with ``chain_gradient``, without
         weight decay and before the last step asked for, the step is taken inside its backward.
@@ -329,7 +332,7 @@ class CohortTrainer(Trainer):
         straight into it). A step some clients sit out works on a scratch matrix and keeps
         their rows of ``grads`` (their last step's gradient) and of ``params`` as they are."""
         params, grads, rows = cohort.params, cohort.grads, slice(None)
-        by_hand = self._gradient is not None
+        by_hand = self._gradient is not None and loss is None
         leaves = self._views(params) if by_hand else self._leaves(cohort)
         param_views, grad_views = list(leaves.values()), self._views(grads)
         scratch = scratch_views = None
@@ -346,7 +349,7 @@ class CohortTrainer(Trainer):
                                               step=self.lr))
                 continue
             if not by_hand:
-                losses = self._losses(leaves, index, weight)
+                losses = self._losses(leaves, index, weight, loss)
                 fresh = self._gradients(leaves, losses)
                 if plain:
                     with torch.no_grad():
@@ -412,7 +415,7 @@ class SequentialTrainer(Trainer):
                 for s, b in enumerate(row[j] for row in plan.counts) if b]
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
-                 last_gradient: bool) -> Tensor:
+                 last_gradient: bool, loss: LossFn | None) -> Tensor:
         losses = []
         for j in range(len(cohort)):
             rows = slice(j, j + 1)
@@ -420,15 +423,18 @@ class SequentialTrainer(Trainer):
             total = torch.zeros((), device=self.grad.device)
             for xb, yb in self._client_batches(plan, j):
                 self.grad.zero_()
-                loss = F.cross_entropy(self.model(xb), yb)
-                loss.backward()
+                logits = self.model(xb)
+                value = F.cross_entropy(logits, yb) if loss is None else \
+                    loss(logits[None], yb[None], torch.full((1, len(yb)), 1 / len(yb),
+                                                            device=yb.device))[0]
+                value.backward()
                 with torch.no_grad():
                     if self.weight_decay:
                         self.grad.add_(self.flat.buffer, alpha=self.weight_decay)
                     if hook is not None:
                         hook(self.grad[None], self.flat.buffer[None], rows)
                     self.flat.buffer.add_(self.grad, alpha=-self.lr)
-                total += loss.detach()
+                total += value.detach()
             cohort.params[j].copy_(self.flat.buffer)
             if last_gradient:
                 cohort.grads[j].copy_(self.grad)
@@ -443,6 +449,14 @@ class SequentialTrainer(Trainer):
             for xb, yb in self._client_batches(plan, j):
                 (F.cross_entropy(self.model(xb), yb, reduction="sum") / n).backward()
             cohort.grads[j].copy_(self.grad)
+
+
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    """``L_k = Σ_i w_ki CE(z_ki, y_ki)`` (``[c]``) from logits ``[c, b, K]``, labels and
+    weights ``[c, b]``."""
+    c, b = labels.shape
+    ce = F.cross_entropy(logits.reshape(c * b, -1), labels.reshape(-1), reduction="none")
+    return (ce.view(c, b) * weight).sum(1)
 
 
 def resolve_engine(engine: str, model: nn.Module, input_shape: tuple[int, ...],

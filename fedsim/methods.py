@@ -13,7 +13,7 @@ from __future__ import annotations
 PLAIN: dict[str, str | None] = {
     "fedavg": None, "fedprox": None, "scaffold": None, "fedpvr": None, "fedga": None,
     "gradalign": None, "fedavgm": "momentum", "fedadam": "adam", "fedyogi": "yogi",
-    "fedadagrad": "adagrad", "fedgma-v1": None,
+    "fedadagrad": "adagrad", "fedgma-v1": None, "irm": None,
 }
 #: other accepted spellings, mapped to the listed name
 ALIASES: dict[str, str] = {"fedavg+gma": "fedgma"}

@@ -10,7 +10,7 @@ import functools
 import torch
 from torch import nn
 
-MODELS: tuple[str, ...] = ("cnn", "mlp", "leaky-mlp", "resnet")
+MODELS: tuple[str, ...] = ("cnn", "mlp", "leaky-mlp", "irm-mlp", "resnet")
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -32,6 +32,12 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
             if isinstance(layer, nn.Linear):
                 nn.init.kaiming_normal_(layer.weight)
                 nn.init.constant_(layer.bias, 0.01)
+    elif name == "irm-mlp":
+        model = MLP(c * h * w, num_classes, hidden=390)
+        for layer in model.modules():  # the IRM code's initialization
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
     else:
         model = ResNet8(c, num_classes)
     return model.float()
@@ -81,7 +87,12 @@ class MLP(nn.Module):
     """``depth`` hidden layers of ``hidden`` units, each followed by ``activation``. The
     defaults are McMahan et al.'s (2017) "2NN" (two hidden layers of 200 ReLU units, model
     ``mlp``); ``leaky-mlp`` is the synthetic-task MLP of Parascandolo et al. (2021), three
-    hidden layers of 256 LeakyReLU units, weights ``N(0, 2/fan_in)`` and biases 0.01."""
+    hidden layers of 256 LeakyReLU units, weights ``N(0, 2/fan_in)`` and biases 0.01;
+    ``irm-mlp`` is Arjovsky et al.'s (2019) IRM MLP, two hidden layers of 390 ReLU units
+    (392 → 390 → 390 → 2 on their 2 × 14 × 14 images), Xavier-uniform weights, zero biases.
+    Their model has one logit ``ℓ`` and the loss ``BCE(ℓ, y)``; with 2-class cross-entropy over
+    logits ``(a, b)``, which depends on ``b − a`` alone (``= BCE(b − a, y)``), it is the same
+    model up to that overparameterization."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 200, depth: int = 2,
                  activation: type[nn.Module] = nn.ReLU) -> None:

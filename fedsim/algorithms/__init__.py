@@ -12,6 +12,7 @@ twin ``<name>+gma`` runs the same class (the server masks the average).
 | gradalign | FedGA with one local step |
 | fedavgm, fedadam, fedyogi, fedadagrad | FedAvg clients, server optimizer momentum / adam / yogi / adagrad (Hsu et al. 2019; Reddi et al. 2021); the learning rate is ``momentum_server_lr`` or ``adaptive_server_lr`` when set, else ``server_lr`` |
 | fedgma-v1 | the workshop algorithm: FedAvg of parameters + hard-masked gradient step |
+| irm | each client adds its IRMv1 penalty (Arjovsky et al. 2019; ``irm_penalty_weight``, ``irm_anneal_rounds``) |
 | X+gma, fedgma | X with gradient masked averaging at the server (Tenison et al., TMLR 2023; ``gma_*`` settings) |
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .fedgma_v1 import FedGMAv1
 from .fedprox import FedProx
 from .fedpvr import FedPVR
 from .gradalign import GradAlign
+from .irm import IRM
 from .scaffold import Scaffold
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 CLASSES: dict[str, type[Algorithm]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "scaffold": Scaffold, "fedpvr": FedPVR, "fedga": FedGA,
     "gradalign": GradAlign, "fedavgm": FedAvg, "fedadam": FedAvg, "fedyogi": FedAvg,
-    "fedadagrad": FedAvg, "fedgma-v1": FedGMAv1,
+    "fedadagrad": FedAvg, "fedgma-v1": FedGMAv1, "irm": IRM,
 }
 if CLASSES.keys() != PLAIN.keys():  # pragma: no cover - a new algorithm listed in one place only
     raise ImportError(f"fedsim.algorithms.CLASSES and fedsim.methods.PLAIN list different names: "
@@ -52,7 +54,7 @@ def build_algorithm(name: str, config: Config) -> Algorithm:
 #: settings that belong to one algorithm (its constructor's hyperparameters)
 OWN_SETTINGS: frozenset[str] = frozenset(
     s for cls in CLASSES.values() for s in cls.hyperparameters.values()
-    if s.startswith(("fedprox_", "fedpvr_", "fedga_", "fedgma_v1_")))
+    if s.startswith(("fedprox_", "fedpvr_", "fedga_", "fedgma_v1_", "irm_")))
 
 
 def matters(method: str, setting: str) -> bool:

@@ -60,12 +60,14 @@ def binary_labels(digits: torch.Tensor) -> torch.Tensor:
 
 def client_flip_probs(num_clients: int, rng: np.random.Generator,
                       flip_range: tuple[float, float] = CLIENT_FLIP_RANGE,
-                      reversed_fraction: float = 0.0) -> np.ndarray:
-    """Each training client's color-flip probability ``p``, uniform in ``flip_range``; for the
-    first ``round(reversed_fraction · num_clients)`` clients of a random order it is ``1 − p``
-    (their color rule is reversed: the color's correlation with the label changes sign across
-    clients while the digit's does not)."""
-    probs = rng.uniform(*flip_range, size=num_clients)
+                      reversed_fraction: float = 0.0, *, evenly: bool = False) -> np.ndarray:
+    """Each training client's color-flip probability ``p``, uniform in ``flip_range`` (or, with
+    ``evenly``, client k's ``p`` the k-th of ``num_clients`` evenly spaced points from low to
+    high); for the first ``round(reversed_fraction · num_clients)`` clients of a random order it
+    is ``1 − p`` (their color rule is reversed: the color's correlation with the label changes
+    sign across clients while the digit's does not)."""
+    probs = np.linspace(*flip_range, num_clients) if evenly \
+        else rng.uniform(*flip_range, size=num_clients)
     reversed_ = rng.permutation(num_clients)[:round(reversed_fraction * num_clients)]
     probs[reversed_] = 1.0 - probs[reversed_]
     return probs
@@ -81,19 +83,21 @@ def noisy_labels(y: torch.Tensor, noise: float, rng: np.random.Generator) -> tor
 
 
 def swap_colors(x: torch.Tensor) -> torch.Tensor:
-    """Binary-colored images with red and green exchanged: the same digits, the other color."""
-    return x[:, [1, 0, 2]]
+    """Binary-colored images with their first two channels (red and green) exchanged: the same
+    digits, the other color."""
+    return x[:, [1, 0, *range(2, x.shape[1])]]
 
 
 def color_binary(
-    x: torch.Tensor, y: torch.Tensor, flip_prob: float, rng: np.random.Generator
+    x: torch.Tensor, y: torch.Tensor, flip_prob: float | np.ndarray, rng: np.random.Generator
 ) -> torch.Tensor:
-    """Draw each digit red (label 0) or green (label 1), the color flipped with ``flip_prob``.
+    """Draw each digit red (label 0) or green (label 1), the color flipped with ``flip_prob``
+    (one probability, or one per image).
 
     ``y`` holds binary labels; the blue channel stays zero.
     """
     _check_gray(x, y)
-    if not 0.0 <= flip_prob <= 1.0:
+    if not np.all((0.0 <= np.asarray(flip_prob)) & (np.asarray(flip_prob) <= 1.0)):
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
     if len(y) and (y.min() < 0 or y.max() > 1):
         raise ValueError("color_binary needs binary labels (0 or 1)")

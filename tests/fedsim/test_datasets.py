@@ -18,7 +18,8 @@ def test_dataset_names():
     assert DEFAULT_DATASET == "colored-digits" == DATASETS[0]
     assert set(DATASETS) == {
         "colored-digits", "colored-digits-10", "digits", "colored-mnist", "colored-mnist-10", "mnist",
-        "colored-fashion-mnist", "colored-fashion-mnist-10", "fashion-mnist", "cifar10",
+        "colored-fashion-mnist", "colored-fashion-mnist-10", "fashion-mnist", "cifar10", "spirals",
+        "irm-fashion-mnist", "irm-fashion-mnist-gray",
     }
     with pytest.raises(ValueError, match="colored-digits, colored-digits-10, digits"):
         load_federated("svhn")
