@@ -63,6 +63,10 @@ class Config:
     validation_fraction: float = _setting(0.0, "fraction of each client's examples held out as "
                                           "an in-distribution validation set (val_acc), to "
                                           "choose settings without the test sets")
+    ood_validation_fraction: float = _setting(0.0, "fraction of the OOD test set held out as "
+                                              "an OOD validation set (ood_val_acc), disjoint "
+                                              "from the OOD test set, for the test-domain "
+                                              "(oracle) selection")
     label_noise: float = _setting(0.0, "binary colored datasets: each label flipped with this "
                                   "probability before the color is drawn from it (every set)")
     color_flip_range: tuple[float, ...] = _setting(CLIENT_FLIP_RANGE, "binary colored datasets: "
@@ -142,6 +146,10 @@ class Config:
                                   "local gradients (the workshop formula: tau = p)")
     fedgma_v1_server_lr: float | None = _setting(None, "FedGMA v1: step size eta_s of the masked "
                                                  "gradient step (default: lr)")
+    irm_penalty_weight: float = _setting(91257.186, "IRM: weight lambda >= 0 of each client's "
+                                         "IRMv1 penalty from round irm_anneal_rounds on (1 "
+                                         "before; the loss divided by lambda when > 1)")
+    irm_anneal_rounds: int = _setting(190, "IRM: rounds (counted from 0) with penalty weight 1")
     # the run
     seeds: tuple[int, ...] = _setting((0, 1), "seeds (data split, model init, sampling)")
     eval_every: int = _setting(5, "evaluate every n rounds (and at the last)")
@@ -209,6 +217,8 @@ class Config:
         _number("fedprox_mu", self.fedprox_mu, low=0.0)
         _number("fedga_beta", self.fedga_beta, low=0.0)
         _number("fedgma_v1_p", self.fedgma_v1_p, low=0.0, high=1.0)
+        _number("irm_penalty_weight", self.irm_penalty_weight, low=0.0)
+        _at_least("irm_anneal_rounds", self.irm_anneal_rounds, 0)
         names = parameter_names(self.model)
         if self.fedpvr_start_layer not in names:
             raise ValueError(f"fedpvr_start_layer: {self.fedpvr_start_layer!r} is not a parameter "
@@ -232,9 +242,10 @@ class Config:
         self.torch_device()
 
     def _check_data_options(self) -> None:
-        _number("validation_fraction", self.validation_fraction, low=0.0)
-        if self.validation_fraction >= 1.0:
-            raise ValueError(f"validation_fraction must be < 1, got {self.validation_fraction}")
+        for name in ("validation_fraction", "ood_validation_fraction"):
+            _number(name, getattr(self, name), low=0.0)
+            if getattr(self, name) >= 1.0:
+                raise ValueError(f"{name} must be < 1, got {getattr(self, name)}")
         check_binary_options(self.label_noise, self.color_flip_range,
                              self.reversed_color_fraction)
         changed = [name for name, default in (("label_noise", 0.0), ("reversed_color_fraction", 0.0),

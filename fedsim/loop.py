@@ -94,16 +94,20 @@ class Simulation:
 
     def evaluate(self) -> dict[str, float | None]:
         """Accuracy and loss of the global model on the validation set (if there is one), the
-        in-distribution test set and the OOD test set (if there is one); on binary colored data
-        the color reliance on the in-distribution test set (``color_reliance``)."""
+        in-distribution test set, the OOD validation set and the OOD test set (where there are
+        ones); on binary colored data the color reliance on the in-distribution test set
+        (``color_reliance``)."""
         model, data = self.server.model, self.data
         none = (None, None)
         val_acc, val_loss = evaluate(model, *data.validation) if data.validation is not None else none
+        ood_val_acc, ood_val_loss = evaluate(model, *data.ood_validation) \
+            if data.ood_validation is not None else none
         acc, loss = evaluate(model, *data.test)
         ood_acc, ood_loss = evaluate(model, *data.ood_test) if data.ood_test is not None else none
         reliance = color_reliance(model, data.test[0]) \
             if data.meta.get("coloring") == "binary" else None
-        return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": acc, "test_loss": loss,
+        return {"val_acc": val_acc, "val_loss": val_loss, "ood_val_acc": ood_val_acc,
+                "ood_val_loss": ood_val_loss, "test_acc": acc, "test_loss": loss,
                 "ood_acc": ood_acc, "ood_loss": ood_loss, "color_reliance": reliance}
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,7 +206,8 @@ def color_reliance(model: nn.Module, x: Tensor) -> float:
 
 
 _DATA_FIELDS = ("dataset", "num_clients", "split", "alpha", "data_dir", "download",
-                "min_client_size", "max_train", "validation_fraction", "label_noise",
+                "min_client_size", "max_train", "validation_fraction", "ood_validation_fraction",
+                "label_noise",
                 "color_flip_range", "reversed_color_fraction", "spiral_client_size",
                 "spiral_shortcut_dims", "spiral_revolutions")
 
@@ -230,7 +235,8 @@ def load_data(config: Config, seed: int) -> FederatedDataset:
     y = torch.cat([y for _, y in data.clients]).to(device).split(sizes)
     optional = lambda pair: None if pair is None else move(pair)  # noqa: E731
     return dataclasses.replace(data, clients=list(zip(x, y)), test=move(data.test),
-                               ood_test=optional(data.ood_test), validation=optional(data.validation))
+                               ood_test=optional(data.ood_test), validation=optional(data.validation),
+                               ood_validation=optional(data.ood_validation))
 
 
 def default_threads() -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.config import Config
+from fedsim.config import Config, ConfigError
 from fedsim.data import DATASETS
 from fedsim.data.idx import write_idx
 from fedsim.data.sources import IDX_FILES
@@ -50,13 +50,20 @@ def test_two_rounds_of_every_dataset_and_model(tmp_path, monkeypatch, dataset, m
     if dataset == "cifar10":
         import torchvision
         monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeCIFAR10)
-    config = Config(**ROUNDS, dataset=dataset, model=model, data_dir=str(data_dir))
+    if dataset == "spirals" and model not in ("mlp", "leaky-mlp"):  # feature vectors
+        with pytest.raises(ConfigError, match="model must be mlp or leaky-mlp"):
+            Config(**ROUNDS, dataset=dataset, model=model)
+        return
+    settings = {**ROUNDS, "split": "shards", "spiral_client_size": 40} if dataset == "spirals" \
+        else ROUNDS  # the split does not apply: one environment per client
+    config = Config(**settings, dataset=dataset, model=model, data_dir=str(data_dir))
     (tmp_path / "run").mkdir()
     rows = run_experiment(config, tmp_path / "run", progress=False)
     assert len(rows) == 2 * 2  # methods x rounds
     for row in rows:
         assert 0.0 <= row["test_acc"] <= 1.0 and math.isfinite(row["test_loss"])
-        assert (row["ood_acc"] is None) == (not dataset.startswith("colored"))
+        has_ood = dataset.startswith(("colored", "irm")) or dataset == "spirals"
+        assert (row["ood_acc"] is None) == (not has_ood)
     models = sorted(p.name for p in (tmp_path / "run").glob("model-*.pt"))
     assert models == ["model-fedavg-seed0.pt", "model-fedgma-seed0.pt"]
     state = torch.load(tmp_path / "run" / models[1], weights_only=True)

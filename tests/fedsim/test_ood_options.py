@@ -103,10 +103,51 @@ def test_color_reliance_of_a_color_reader_and_a_shape_reader():
     ({"color_flip_range": (0.3, 0.2)}, "color_flip_range must be a finite number >= 0.3"),
     ({"label_noise": 1.5}, "label_noise must be a finite number >= 0.0 and <= 1.0"),
     ({"validation_fraction": 1.0}, "validation_fraction must be < 1"),
+    ({"ood_validation_fraction": 1.0}, "ood_validation_fraction must be < 1"),
+    ({"ood_validation_fraction": -0.1}, "ood_validation_fraction must be a finite number >= 0"),
 ])
 def test_config_refuses_impossible_options(settings, message):
     with pytest.raises(ConfigError, match=message):
         Config(**settings)
+
+
+@pytest.mark.parametrize("name", ["colored-digits", "spirals"])
+def test_ood_validation_is_held_out_of_the_ood_test_set(name):
+    """The OOD validation and OOD test sets partition the OOD examples; the clients and the ID
+    test set do not change; the same seed holds out the same examples."""
+    options = {"num_clients": 4, "seed": 2, **({"split": "iid"} if name != "spirals" else
+                                                {"spiral_client_size": 30})}
+    full = load_federated(name, **options)
+    held = load_federated(name, ood_validation_fraction=0.3, **options)
+    assert full.ood_validation is None
+    n = len(full.ood_test[1])
+    assert len(held.ood_validation[1]) == int(0.3 * n)
+    assert len(held.ood_test[1]) == n - int(0.3 * n)
+
+    def rows(x):
+        return sorted(map(bytes, x.flatten(1).numpy()))
+    assert rows(torch.cat([held.ood_validation[0], held.ood_test[0]])) == rows(full.ood_test[0])
+    assert not set(rows(held.ood_validation[0])) & set(rows(held.ood_test[0]))
+    assert torch.equal(held.test[0], full.test[0])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(held.clients, full.clients))
+    again = load_federated(name, ood_validation_fraction=0.3, **options)
+    assert torch.equal(again.ood_validation[0], held.ood_validation[0])
+
+
+def test_ood_validation_needs_an_ood_test_set():
+    with pytest.raises(ValueError, match="dataset 'digits' has no OOD test set"):
+        load_federated("digits", num_clients=4, ood_validation_fraction=0.2)
+    with pytest.raises(ValueError, match="leaves 0 of the"):
+        load_federated("colored-digits", num_clients=4, ood_validation_fraction=1e-6)
+
+
+def test_run_logs_ood_validation(tmp_path):
+    from fedsim.loop import run_experiment
+    config = Config(model="mlp", rounds=2, eval_every=1, seeds=(0,), algorithms=("fedavg",),
+                    ood_validation_fraction=0.5, num_clients=4, clients_per_round=2)
+    rows = run_experiment(config, tmp_path, progress=False)
+    assert all(0.0 <= row["ood_val_acc"] <= 1.0 and row["ood_val_loss"] > 0 for row in rows)
+    assert "ood_val_acc" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_run_logs_validation_and_color_reliance(tmp_path):

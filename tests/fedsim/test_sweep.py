@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from fedsim.analysis import analyse, mean_std, read_rows
+from fedsim.analysis import analyse, format_report, mean_std, read_rows
 from fedsim.config import Config, ConfigError
 from fedsim.sweep import Sweep, main, parse_grid
 
@@ -98,6 +98,33 @@ def test_selection_looks_at_validation_only_and_pairs_by_seed(tmp_path):
     assert cell["paired_vs_baseline"]["ood_acc"] == mean_std([0.90 - 0.40, 0.80 - 0.44])
 
 
+def test_test_domain_selection_uses_the_ood_validation_set_only(tmp_path):
+    """Three cells, each best on one criterion: ID validation, OOD validation, OOD test; the
+    test-domain pick is the OOD-validation one, with its own OOD test accuracy."""
+    folders = []
+    for i, (lr, val, ood_val, ood) in enumerate([(1.0, .9, .2, .3), (2.0, .5, .8, .4),
+                                                 (3.0, .4, .1, .9)]):
+        rows = [{**row, "ood_val_acc": ood_val * (1.0 if row["round"] == 20 else 0.5)}
+                for row in rows_of("fedavg", {0: (val, .8, ood), 1: (val, .8, ood)})]
+        write_cell(tmp_path / str(i), rows)
+        folders.append(((("server_lr", lr),), tmp_path / str(i), {}))
+    report = analyse(folders, {"server_lr": (1.0, 2.0, 3.0)})
+    (pick,) = report["selection"]
+    assert pick["values"] == {"server_lr": 1.0}
+    assert pick["test_domain"]["values"] == {"server_lr": 2.0}
+    assert pick["test_domain"]["ood_acc"]["mean"] == pytest.approx(0.4)
+    assert pick["oracle"]["values"] == {"server_lr": 3.0}
+    text = format_report(report)
+    assert "| 40.0 ± 0.0 | server_lr=2.0 | 90.0 ± 0.0 | server_lr=3.0 |" in text
+
+
+def test_without_an_ood_validation_set_there_is_no_test_domain_pick(tmp_path):
+    write_cell(tmp_path / "0", rows_of("fedavg", {0: (.9, .8, .3)}))
+    report = analyse([((("server_lr", 1.0),), tmp_path / "0", {})], {"server_lr": (1.0,)})
+    assert report["selection"][0]["test_domain"] is None
+    assert "| n/a | n/a |" in format_report(report)
+
+
 def test_conditions_are_chosen_within(tmp_path):
     folders = []
     for i, (split, lr, val) in enumerate([("iid", 1.0, .9), ("iid", 2.0, .5),
@@ -121,7 +148,7 @@ def test_a_sweep_end_to_end_with_controls_and_resume(tmp_path, tiny, flags, caps
     for name in ("summary.md", "summary.json", "ood_vs_rounds.png", "final_vs_server_lr.png",
                  "final_vs_gma_tau.png", "sweep.toml"):
         assert (sweep_dir / name).is_file(), name
-    assert "oracle OOD (test-chosen)" in capsys.readouterr().out
+    assert "best OOD test (test-chosen)" in capsys.readouterr().out
     # the validation set is on by default in a sweep
     cell = sweep_dir / "cells" / "server_lr=2.0,gma_tau=0.6"
     assert Config.from_toml(cell / "config.toml").validation_fraction == 0.1
