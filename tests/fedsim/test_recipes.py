@@ -15,6 +15,8 @@ def test_every_recipe_builds(name, scale):
     for c in cells:
         if name == "and-mask-spirals":
             assert c.config.dataset == "spirals"
+        elif name == "irm-cmnist":
+            assert c.config.dataset.startswith("irm-fashion-mnist")
         elif scale == "full":
             assert c.config.dataset.startswith(("colored-mnist", "colored-fashion-mnist"))
         else:
@@ -64,3 +66,17 @@ def test_fair_ood_runs_end_to_end(tmp_path, capsys):
     assert {tuple(s["condition"].items()) for s in report["selection"]} == {
         (("reversed_color_fraction", 0.0),), (("reversed_color_fraction", 0.3),)}
     assert "Each method at its settings chosen on validation" in capsys.readouterr().out
+
+
+def test_the_irm_protocol_is_fedsgd_at_the_papers_settings():
+    small = build("irm-cmnist", "small").cells()
+    assert {c.config.dataset for c in small} == {"irm-fashion-mnist", "irm-fashion-mnist-gray"}
+    config = small[0].config
+    assert (config.num_clients, config.clients_per_round, config.local_steps, config.lr) == \
+        (2, 2, 1, 1.0)
+    assert config.batch_size >= 5000 and config.rounds == 501  # full batch, the paper's steps
+    assert (config.irm_penalty_weight, config.irm_anneal_rounds) == (91257.186, 190)
+    full = build("irm-cmnist", "full").cells()
+    assert sorted({c.config.reversed_color_fraction for c in full}) == [0.0, 0.1, 0.2, 0.3,
+                                                                         0.4, 0.5]
+    assert all(c.config.ood_validation_fraction == 0.5 for c in full)
