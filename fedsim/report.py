@@ -24,7 +24,8 @@ COLUMNS = ("method", "seed", "round", "train_loss", "mask_density", "mean_agreem
 FINAL_METRICS = ("test_acc", "ood_acc")
 #: what the project found about a GMA method that takes another server step than FedAvg
 STEP_FINDING = ("at an equal server step GMA was not ahead of FedAvg on colored digits "
-                "(see docs/fedsim-experiments.md)")
+                "(see docs/fedsim-experiments.md); where it is: python -m fedsim.recipes "
+                "and-mask-spirals")
 
 
 def server_step(method: str, config: Config) -> tuple[str, float]:
