@@ -138,8 +138,7 @@ def test_an_edited_config_is_named_in_one_line(tmp_path, tiny, cli):
 
 def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path, tiny, cli, flags):
     out = tmp_path / "runs"
-    # rounds enough that the run cannot end before the signal, however loaded the machine
-    settings = {**tiny, "rounds": 100_000, "checkpoint_every": 1, "out_dir": str(out)}
+    settings = {**tiny, "rounds": 400, "checkpoint_every": 1, "out_dir": str(out)}
     command, env = cli("fedsim.run", "--quiet", *flags(settings))
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
