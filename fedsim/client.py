@@ -324,10 +324,11 @@ class CohortTrainer(Trainer):
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
                  last_gradient: bool, loss: LossFn | None) -> Tensor:
-        """The local steps (``chain_gradient`` only for the default loss). A step that every client takes with no hook steps each model
-        tensor from its fresh gradient: with autograd, ``grads`` is written only at some
-        client's last step, and only for ``last_gradient``; with ``chain_gradient``, without
-        weight decay and before the last step asked for, the step is taken inside its backward.
+        """The local steps (``chain_gradient`` only for the default loss). A step that every
+        client takes with no hook steps each model tensor from its fresh gradient: with
+        autograd, ``grads`` is written only at some client's last step, and only for
+        ``last_gradient``; with ``chain_gradient``, without weight decay and before the last
+        step asked for, the step is taken inside its backward.
         Otherwise the step works on ``grads`` in place (``chain_gradient`` writes its gradients
         straight into it). A step some clients sit out works on a scratch matrix and keeps
         their rows of ``grads`` (their last step's gradient) and of ``params`` as they are."""

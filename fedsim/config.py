@@ -224,8 +224,7 @@ class Config:
             raise ValueError(f"fedpvr_start_layer: {self.fedpvr_start_layer!r} is not a parameter "
                              f"of model {self.model!r}; valid: {', '.join(names)}")
         if self.server_bias_correction and not any(
-                (server_optimizer_of(name) or self.server_optimizer) == "adam"
-                for name in self.algorithms):
+                self.server_optimizer_for(name) == "adam" for name in self.algorithms):
             raise ValueError("server_bias_correction applies to a server adam: set "
                              "server_optimizer='adam' or run fedadam")
         if self.server_bias_correction and max(self.server_beta1, self.server_beta2) == 1.0:
@@ -235,7 +234,7 @@ class Config:
                              "term joins the masked average the optimizer sees)")
         if self.gma_rescale and self.gma_mask_placement == "after":
             for name in self.algorithms:
-                kind = server_optimizer_of(name) or self.server_optimizer
+                kind = self.server_optimizer_for(name)
                 if is_masked(name) and kind != "sgd":
                     raise ValueError("gma_rescale needs gma_mask_placement='before' with a stateful "
                                      f"server optimizer ({kind!r}, algorithm {name!r})")
@@ -291,6 +290,11 @@ class Config:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device!r} but CUDA is not available here")
         return device
+
+    def server_optimizer_for(self, method: str) -> str:
+        """The server optimizer kind of ``method``: the one its name fixes (FedAdam: adam),
+        else ``server_optimizer``."""
+        return server_optimizer_of(method) or self.server_optimizer
 
     def server_lr_for(self, kind: str, masked: bool = False) -> float:
         """The server learning rate for server optimizer ``kind`` (``momentum_server_lr`` for

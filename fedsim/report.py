@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .io import atomic_write
-from .methods import is_masked, plain_name, server_optimizer_of
+from .methods import is_masked, plain_name
 
 if TYPE_CHECKING:
     from .config import Config
@@ -30,7 +30,7 @@ STEP_FINDING = ("at an equal server step GMA was not ahead of FedAvg on colored 
 
 def server_step(method: str, config: Config) -> tuple[str, float]:
     """(server optimizer, server learning rate) of ``method`` in a run of ``config``."""
-    kind = server_optimizer_of(method) or config.server_optimizer
+    kind = config.server_optimizer_for(method)
     return kind, config.server_lr_for(kind, is_masked(method))
 
 

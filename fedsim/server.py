@@ -45,7 +45,8 @@ class Server:
 
     def aggregation(self, chunks: int, mask: MaskConfig | None = None) -> Aggregation:
         """An empty aggregation for a round whose clients come in ``chunks`` cohorts on this
-        rank; ``mask``: the mask of ``Aggregation.masked_mean`` (default: the optimizer's)."""
+        rank; ``mask``: the mask of ``Aggregation.masked_mean`` (default: the method's,
+        ``self.mask``)."""
         return Aggregation(self, streaming=chunks != 1 or self.comm.distributed,
                            mask=mask or self.mask)
 
