@@ -24,7 +24,7 @@ from typing import Any
 from .config import Config, ConfigError
 from .data.sources import source_available
 from .run import OneLineParser
-from .sweep import Sweep, create_sweep_dir, run_and_report
+from .sweep import Sweep, add_run_flags, create_sweep_dir, run_and_report
 
 SCALES = ("small", "full")
 SEEDS = (0, 1, 2, 3, 4)
@@ -97,14 +97,15 @@ def irm_cmnist(scale: str) -> Sweep:
     25 % label noise, the IRM paper's settings as FedSGD (one full-batch step a round, every
     client every round, server Adam with bias correction at lr 4.8985e-4, L2 0.00110794568 as
     ``weight_decay`` 2·l2, penalty 91257.186 from round 190, 501 rounds): FedAvg (ERM), IRMv1
-    (``irm``) and FedGMA (the AND-mask: hard, τ = 1, rescaled), and the grayscale oracle
-    (condition). ``small``: two environments of 5,000 images (flip 0.1 and 0.2); ``full``: the
-    curve, 10 clients (flips over [0.1, 0.2]) with a ``reversed_color_fraction`` of 0 to 0.5,
-    and half the OOD test set held out for the test-domain selection."""
+    (``irm``) and FedGMA (the AND-mask: hard, τ = 1, rescaled), on 11,112 training images.
+    ``small``: two environments (flip 0.1 and 0.2) and the grayscale oracle (condition);
+    ``full``: the curve, 10 clients (flips over [0.1, 0.2]) with a ``reversed_color_fraction``
+    of 0 to 0.5, the step-size control, and half the OOD test set held out for the test-domain
+    selection."""
     small = scale == "small"
     base = {"dataset": "irm-fashion-mnist", "model": "irm-mlp", "split": "iid",
             "algorithms": ("fedavg", "irm", "fedgma"), "num_clients": 2 if small else 10,
-            "clients_per_round": 2 if small else 10, "max_train": 11112 if small else None,
+            "clients_per_round": 2 if small else 10, "max_train": 11112,
             "local_steps": 1, "batch_size": 25000, "lr": 1.0, "weight_decay": 0.00221589136,
             "server_optimizer": "adam", "adaptive_server_lr": 4.8985e-4, "server_beta2": 0.999,
             "server_eps": 1e-8, "server_bias_correction": True, "gma_mask": "hard",
@@ -113,8 +114,8 @@ def irm_cmnist(scale: str) -> Sweep:
             "ood_validation_fraction": 0.0 if small else 0.5}
     grid: dict[str, tuple] = {"dataset": ("irm-fashion-mnist", "irm-fashion-mnist-gray")} \
         if small else {"reversed_color_fraction": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)}
-    return Sweep({k: v for k, v in base.items() if v is not None}, grid,
-                 conditions=tuple(grid), baseline="fedavg")
+    return Sweep(base, grid, conditions=tuple(grid), baseline="fedavg",
+                 step_size_control=not small)
 
 
 RECIPES = {"workshop-fig2": workshop_fig2, "journal-table": journal_table, "fair-ood": fair_ood,
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, help="communication rounds (default: the recipe's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--out-dir", default="runs", help="folder that receives the sweep folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_flags(parser)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     try:
@@ -158,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except (ConfigError, ValueError, OSError) as err:
         parser.error(str(err))
     print(f"sweep folder: {sweep_dir}", flush=True)
-    report = run_and_report(parser, sweep_dir, sweep, progress=not args.quiet)
+    report = run_and_report(parser, sweep_dir, sweep, progress=not args.quiet,
+                            jobs=args.jobs or 1)
     print((sweep_dir / "summary.md").read_text())
     return report
 

@@ -27,7 +27,9 @@ import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +151,23 @@ class Sweep:
 
 
 def run_sweep(sweep_dir: Path, sweep: Sweep, *, progress: bool = True,
-              log: Callable[[str], None] = print) -> list[Cell]:
+              log: Callable[[str], None] = print, jobs: int = 1) -> list[Cell]:
     """Run (or finish) every cell of ``sweep`` in ``sweep_dir``, then its step-size controls;
     return all the cells. A cell whose ``results.json`` exists is done; one with a
-    ``config.toml`` is resumed from its checkpoint."""
+    ``config.toml`` is resumed from its checkpoint. ``jobs`` > 1 runs that many cells at once,
+    each in its own process (without progress bars; each uses the cell's ``threads``)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     cells = sweep.cells()
-    _run_cells(sweep_dir, cells, progress, log)
+    _run_cells(sweep_dir, cells, progress, log, jobs)
     controls = sweep.controls(sweep_dir)
-    _run_cells(sweep_dir, controls, progress, log)
+    _run_cells(sweep_dir, controls, progress, log, jobs)
     return cells + controls
 
 
 def _run_cells(sweep_dir: Path, cells: list[Cell], progress: bool,
-               log: Callable[[str], None]) -> None:
+               log: Callable[[str], None], jobs: int) -> None:
+    todo = []
     for i, cell in enumerate(cells, 1):
         run_dir = sweep_dir / "cells" / cell.name
         if (run_dir / "results.json").is_file():
@@ -171,15 +177,31 @@ def _run_cells(sweep_dir: Path, cells: list[Cell], progress: bool,
         if resume and Config.from_toml(run_dir / "config.toml") != cell.config:
             raise ConfigError(f"{run_dir}: its config.toml differs from the sweep's cell; "
                               "move the folder away to rerun it")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            atomic_write(run_dir / "config.toml", cell.config.to_toml())
-        log(f"[{i}/{len(cells)}] {cell.name}: {', '.join(cell.config.algorithms)}"
-            + (" (resumed)" if resume else ""))
-        start = time.perf_counter()
-        rows = run_experiment(cell.config, run_dir, resume=resume, progress=progress)
-        write_run_results(run_dir, cell.config, rows, resumed=resume,
-                          seconds=time.perf_counter() - start)
+        todo.append((f"[{i}/{len(cells)}] {cell.name}", run_dir, cell.config, resume))
+    if jobs == 1 or len(todo) <= 1:
+        for label, run_dir, config, resume in todo:
+            log(f"{label}: {', '.join(config.algorithms)}" + (" (resumed)" if resume else ""))
+            _run_cell(run_dir, config, resume, progress)
+        return
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+        running = {pool.submit(_run_cell, run_dir, config, resume, False): label
+                   for label, run_dir, config, resume in todo}
+        log(f"{len(todo)} cells, {min(jobs, len(todo))} at a time")
+        for future in as_completed(running):
+            seconds = future.result()
+            log(f"{running[future]}: finished in {seconds:.0f} s")
+
+
+def _run_cell(run_dir: Path, config: Config, resume: bool, progress: bool) -> float:
+    """Run one cell's folder (resumed from its checkpoint if ``resume``); return its seconds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write(run_dir / "config.toml", config.to_toml())
+    start = time.perf_counter()
+    rows = run_experiment(config, run_dir, resume=resume, progress=progress)
+    seconds = time.perf_counter() - start
+    write_run_results(run_dir, config, rows, resumed=resume, seconds=seconds)
+    return seconds
 
 
 def analyse_sweep(sweep_dir: Path, sweep: Sweep, cells: list[Cell]) -> dict[str, Any]:
@@ -234,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "learning rate times the cell's mean mask density")
     parser.add_argument("--resume", type=Path, metavar="SWEEP_DIR",
                         help="finish a stopped sweep with its own sweep.toml")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_flags(parser)
     add_settings(parser)
     return parser
 
@@ -265,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         if "resume" in args:
-            given = [k for k in vars(args) if k not in ("resume", "quiet")]
+            given = [k for k in vars(args) if k not in ("resume", "quiet", "jobs")]
             if given:
                 parser.error("--resume finishes a sweep with its own sweep.toml; drop "
                              + ", ".join("--" + k.replace("_", "-") for k in given))
@@ -277,18 +299,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except (ConfigError, OSError) as err:
         parser.error(str(err))
     print(f"sweep folder: {sweep_dir}", flush=True)
-    report = run_and_report(parser, sweep_dir, sweep, progress="quiet" not in args)
+    report = run_and_report(parser, sweep_dir, sweep, progress="quiet" not in args,
+                            jobs=getattr(args, "jobs", 1))
     print((sweep_dir / "summary.md").read_text())
     return report
 
 
+def _count(text: str) -> int:
+    """An integer ≥ 1 (argparse type)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how a sweep runs, not what it runs: ``--jobs`` and ``--quiet``."""
+    parser.add_argument("--jobs", type=_count, metavar="N",
+                        help="cells run at once, each in its own process (default 1; 2 fills "
+                             "two cores at the default threads, half the cores per run)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def run_and_report(parser: argparse.ArgumentParser, sweep_dir: Path, sweep: Sweep, *,
-                   progress: bool) -> dict[str, Any]:
+                   progress: bool, jobs: int = 1) -> dict[str, Any]:
     """Run the sweep and write its report; a failure or Ctrl-C ends with one line that says
     how to continue (``--resume``)."""
     resume = f"python -m fedsim.sweep --resume {sweep_dir}"
     try:
-        return analyse_sweep(sweep_dir, sweep, run_sweep(sweep_dir, sweep, progress=progress))
+        cells = run_sweep(sweep_dir, sweep, progress=progress, jobs=jobs)
+        return analyse_sweep(sweep_dir, sweep, cells)
     except (ValueError, OSError) as err:
         parser.exit(1, f"{parser.prog}: error: {err} (then: {resume})\n")
     except KeyboardInterrupt:

@@ -80,3 +80,6 @@ def test_the_irm_protocol_is_fedsgd_at_the_papers_settings():
     assert sorted({c.config.reversed_color_fraction for c in full}) == [0.0, 0.1, 0.2, 0.3,
                                                                          0.4, 0.5]
     assert all(c.config.ood_validation_fraction == 0.5 for c in full)
+    assert all(c.config.max_train == config.max_train == 11112 for c in full)
+    assert build("irm-cmnist", "full").step_size_control
+    assert not build("irm-cmnist", "small").step_size_control

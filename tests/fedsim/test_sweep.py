@@ -170,7 +170,26 @@ def test_a_sweep_end_to_end_with_controls_and_resume(tmp_path, tiny, flags, caps
     assert again["selection"] == report["selection"] and again["cells"] == report["cells"]
 
 
+def test_cells_run_in_parallel_processes_give_the_same_rows(tmp_path, tiny, flags, capsys):
+    settings = {**tiny, "rounds": 2, "eval_every": 1, "seeds": (0, 1),
+                "algorithms": ("fedavg", "fedgma")}
+    rows, logs = {}, {}
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        main(["--quiet", "--jobs", jobs, "--grid", "server_lr=1,2", "--step-size-control",
+              *flags({**settings, "out_dir": str(out)})])
+        (sweep_dir,) = out.iterdir()
+        cells = sorted((sweep_dir / "cells").iterdir())
+        assert len(cells) == 2 + 2  # and the two step-size controls, after their GMA cells
+        rows[jobs] = {c.name: read_rows(c) for c in cells}
+        logs[jobs] = capsys.readouterr().out
+    assert logs["2"].count("2 cells, 2 at a time") == 2  # the cells, then their controls
+    assert "at a time" not in logs["1"]
+    assert rows["1"] == rows["2"]
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--jobs", "0"], "--jobs: expected a whole number of at least 1, got '0'"),
     (["--grid", "gma_tau=0.5,2"], "gma_tau must be a finite number"),
     (["--grid", "server_lr=1", "--condition", "split"], "--condition split: not a swept setting"),
     (["--baseline", "scaffold"], "--baseline 'scaffold' is not one of the compared methods"),
