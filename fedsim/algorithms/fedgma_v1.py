@@ -13,15 +13,19 @@ workshop's threshold ``p`` (``fedgma_v1_p``, default 0.8; the paper's formula
 ``I{p·K ≤ |Σ sign g_k|}`` is ``A ≥ τ`` with ``τ = p``), scaled by ``η_s``
 (``fedgma_v1_server_lr``, default: the local lr). Clients upload ``2N`` floats.
 
+The round is all or nothing: a non-finite gradient mean, or a step that overflows float32,
+raises ``NonFiniteError`` with the server's parameters and optimizer state as they were.
+
 ``fedgma-v1+gma`` also masks the parameter average, with the journal GMA (``gma_*`` settings).
 The round's reported mask statistics are those of the gradient mask. Across ranks
 (``fedsim.distributed``) and over several cohorts both steps go through accumulators.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from gma_kernels import GMAStats, MaskConfig
+from gma_kernels import GMAStats, MaskConfig, NonFiniteError
 
 from ..client import Cohort
 from .base import Algorithm, Round
@@ -47,9 +51,17 @@ class FedGMAv1(Algorithm):
         self._grads.add(cohort.grads, self.weights(cohort))  # the last step's gradients
 
     def end_round(self, rnd: Round) -> GMAStats:
-        rnd.updates.step()
-        masked, stats = self._grads.masked_mean()
-        rnd.server.params.sub_(masked, alpha=self.server_lr)
+        masked, stats = self._grads.masked_mean()  # raises before any step if not finite
+        if not bool(torch.isfinite(masked).all()):
+            raise NonFiniteError("FedGMA v1: the masked mean of the last gradients is not "
+                                 "finite; params and optimizer state left unchanged")
+        before = rnd.server.state_dict()
+        rnd.updates.step()  # guarded: raises with the server as it was
+        params = rnd.server.params.sub_(masked, alpha=self.server_lr)
+        if not bool(torch.isfinite(params).all()):
+            rnd.server.load_state_dict(before)
+            raise NonFiniteError("FedGMA v1: the gradient step overflows float32; params and "
+                                 "optimizer state left unchanged")
         return stats
 
     def communication(self, num_params: int) -> tuple[int, int]:
