@@ -22,7 +22,8 @@ import torch
 from fedsim.algorithms import build_algorithm
 from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config
-from fedsim.loop import play_round, reused_heap
+from fedsim.heap import reused_heap
+from fedsim.loop import play_round
 from fedsim.models import build_model
 from fedsim.server import Server
 

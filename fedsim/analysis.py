@@ -29,7 +29,7 @@ from typing import Any
 from .io import atomic_write
 from .algorithms import matters
 from .methods import is_masked, plain_name
-from .report import pyplot, save_figure
+from .report import pyplot, render_table, save_figure
 
 METRICS = ("val_acc", "ood_val_acc", "test_acc", "ood_acc", "color_reliance")
 #: the criterion a method's settings are chosen by
@@ -213,11 +213,6 @@ def _settings(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "(base)"
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(line) + " |" for line in lines)])
-
-
 def _pick_columns(pick: dict | None) -> tuple[str, str]:
     """(OOD test accuracy, settings) of a second pick, or n/a."""
     return (_pct(pick["ood_acc"]), _settings(pick["values"])) if pick else ("n/a", "n/a")
@@ -236,7 +231,7 @@ def format_report(report: dict[str, Any]) -> str:
               "OOD examples, disjoint from the OOD test set (DomainBed's test-domain selection; "
               "n/a without ood_validation_fraction). The last two columns choose on the OOD "
               "test set itself: an upper bound, not a result.", ""]
-    parts.append(_table(
+    parts.append(render_table(
         ("condition", "method", "chosen settings", "val", "ID test", "OOD test", "color reliance",
          f"Δ ID vs {base}", f"Δ OOD vs {base}", "Δ OOD vs the method without GMA",
          "OOD test, chosen on OOD validation", "its settings",
@@ -251,11 +246,11 @@ def format_report(report: dict[str, Any]) -> str:
           _pct((s.get("paired_vs_plain") or {}).get("ood_acc"), signed=True)
           if s.get("paired_vs_plain") else "",
           *_pick_columns(s["test_domain"]), *_pick_columns(s["oracle"]))
-         for s in report["selection"]]))
+         for s in report["selection"]], markdown=True))
     parts += ["", "## Every cell", "",
               f"Final-round accuracies in % and the mean of the last 10 rounds' evaluations "
               f"(OOD last 10); Δ OOD: paired difference to {base} at the same settings.", ""]
-    parts.append(_table(
+    parts.append(render_table(
         ("method", "settings", "seeds (diverged)", "val (last 10)", "ID test", "OOD test",
          "OOD last 10", "color reliance", "mask density", f"Δ OOD vs {base}"),
         [(c["method"], _settings(c["values"]),
@@ -265,7 +260,7 @@ def format_report(report: dict[str, Any]) -> str:
           _pct(c["final"]["color_reliance"]),
           f"{c['mask_density']['mean']:.2f}" if c["mask_density"] else "n/a",
           _pct((c["paired_vs_baseline"] or {}).get("ood_acc"), signed=True))
-         for c in report["cells"]]))
+         for c in report["cells"]], markdown=True))
     return "\n".join(parts) + "\n"
 
 

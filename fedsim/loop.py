@@ -5,45 +5,37 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import dataclasses
-import functools
 import os
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
 from gma_kernels import NonFiniteError
 
 from .algorithms import Algorithm, Round, build_algorithm
-from .checkpoint import (CheckpointError, capture_rng, load_checkpoint, restore_rng,
-                         save_checkpoint)
+from .callbacks import (Callback, Checkpointing, DivergenceStop, Evaluation, Progress,
+                        ProgressBar)
+from .checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng
 from .client import (CPU_ACTIVATION_BUDGET, ClientData, build_trainer, client_footprint,
                      footprint_bytes, resolve_engine)
 from .config import Config
-from .data import FederatedDataset, load_federated
-from .data.coloring import swap_colors
+from .data import FederatedDataset
+from .data.cache import load_data
 from .distributed import Collective, current_collective
-from .io import atomic_save
+from .evaluation import color_reliance, evaluate
+from .heap import reused_heap
 from .methods import is_masked, server_optimizer_of
 from .models import build_model
-from .report import COLUMNS, write_metrics
+from .report import COLUMNS
 from .server import Server
 
 if TYPE_CHECKING:
     from .client import Trainer
-
-EVAL_BATCH = 1024
-
 
 class Simulation:
     """One method with one seed: the global model and its server, the client algorithm, the
@@ -116,9 +108,6 @@ class Simulation:
                 "rounds_played": self.rounds_played, "rng": capture_rng()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "rounds_played" not in state:
-            raise ValueError("this state was saved by an older fedsim, whose clients shared one "
-                             "shuffling generator: it cannot be continued; start the run afresh")
         self.server.load_state_dict(state["server"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.sampler.bit_generator.state = state["sampler"]
@@ -180,65 +169,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``(x, y)``, in batches of ``EVAL_BATCH``."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    loss = torch.zeros((), device=x.device)
-    for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-        logits = model(xb)
-        loss += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    return correct.item() / len(y), loss.item() / len(y)
-
-
-@torch.inference_mode()
-def color_reliance(model: nn.Module, x: Tensor) -> float:
-    """The fraction of binary-colored images ``x`` whose predicted class changes when only
-    their color is swapped (red and green exchanged): 0 for a model that reads the digit alone,
-    1 for one that reads the color alone."""
-    model.eval()
-    changed = torch.zeros((), dtype=torch.long, device=x.device)
-    for xb in x.split(EVAL_BATCH):
-        changed += (model(xb).argmax(1) != model(swap_colors(xb)).argmax(1)).sum()
-    return changed.item() / len(x)
-
-
-_DATA_FIELDS = ("dataset", "num_clients", "split", "alpha", "data_dir", "download",
-                "min_client_size", "max_train", "validation_fraction", "ood_validation_fraction",
-                "label_noise",
-                "color_flip_range", "reversed_color_fraction", "spiral_client_size",
-                "spiral_shortcut_dims", "spiral_revolutions")
-
-
-def read_data(config: Config, seed: int) -> FederatedDataset:
-    """The federated dataset ``config`` describes for ``seed``, on the host (the latest one is
-    kept: the start-up check and the first seed's run read it once)."""
-    return _read_data(seed, *(getattr(config, name) for name in _DATA_FIELDS))
-
-
-@functools.lru_cache(maxsize=1)
-def _read_data(seed: int, *values: object) -> FederatedDataset:
-    settings = dict(zip(_DATA_FIELDS, values))
-    return load_federated(settings.pop("dataset"), seed=seed, **settings)
-
-
-def load_data(config: Config, seed: int) -> FederatedDataset:
-    """The federated dataset for ``seed``, moved to the run's device once; the clients'
-    examples are consecutive views of one pair of tensors (``ClientData`` reads them in place)."""
-    data = read_data(config, seed)
-    device = config.torch_device()
-    move = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
-    sizes = [len(y) for _, y in data.clients]
-    x = torch.cat([x for x, _ in data.clients]).to(device).split(sizes)
-    y = torch.cat([y for _, y in data.clients]).to(device).split(sizes)
-    optional = lambda pair: None if pair is None else move(pair)  # noqa: E731
-    return dataclasses.replace(data, clients=list(zip(x, y)), test=move(data.test),
-                               ood_test=optional(data.ood_test), validation=optional(data.validation),
-                               ood_validation=optional(data.ood_validation))
-
-
 def default_threads() -> int:
     """Half the cores (shared among the ranks on this machine, ``LOCAL_WORLD_SIZE``), 1 to 4:
     small models gain little from more, and lose much when another process competes for the
@@ -247,44 +177,9 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // (2 * ranks)))
 
 
-@contextlib.contextmanager
-def reused_heap():
-    """Within the block, glibc's ``malloc`` keeps freed memory for reuse instead of handing it
-    back to the OS (``mallopt``: blocks up to 32 MiB come from the heap, whose top is trimmed
-    only past 1 GiB free); at its end ``malloc_trim(0)`` hands back what is free. A training
-    step frees and allocates the same few MB of activations and gradients every time, and
-    under glibc's adaptive defaults each step gave them back and took them again as fresh
-    zeroed pages (28×28 CNN, 10 clients of 300 images, cohorts of 5, one thread: 300,000 page
-    faults a round and 3.2–3.4 s, against 80,000 and 2.8–2.9 s here). The thresholds stay
-    fixed for the process afterwards. Nothing happens where the C library is not glibc."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.malloc_trim(0)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    """The process's glibc, or ``None`` (another C library, or none to be found)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
-                   comm: Collective | None = None) -> list[dict[str, Any]]:
+                   comm: Collective | None = None, callbacks: Sequence[Callback] = ()
+                   ) -> list[dict[str, Any]]:
     """Run every method for every seed (same data and seeds for every method); return the
     metrics rows. Checkpoints every ``checkpoint_every`` rounds, or (unset) at the first round
     end ``checkpoint_seconds`` after the previous checkpoint; ``resume`` continues from the
@@ -294,14 +189,16 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
     ``comm`` (default: the initialized process group, if any, else one process): the ranks
     that share each round's clients. Rank 0 alone evaluates, shows progress and writes the run
     folder (metrics, checkpoints, models); the other ranks' rows lack the evaluation columns.
-    Every rank reads the checkpoint to resume, so ``run_dir`` must be one folder they all see."""
+    Every rank reads the checkpoint to resume, so ``run_dir`` must be one folder they all see.
+    Around the rounds run the ``fedsim.callbacks``: evaluation, the divergence stop, the
+    progress bar and checkpoints, then ``callbacks`` (yours: they see each round's finished
+    row, and may stop a run)."""
     comm = comm or current_collective()
-    main = comm.is_main
     torch.set_num_threads(config.threads or default_threads())
     torch.backends.cudnn.deterministic = config.deterministic
     torch.backends.cudnn.benchmark = not config.deterministic
-    jobs = [(seed, method) for seed in config.seeds for method in config.algorithms]
-    first, start_round, state, rows = 0, 1, None, []
+    at = Progress(config, run_dir, [(s, m) for s in config.seeds for m in config.algorithms])
+    start_round, state, elapsed = 1, None, 0.0
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         if checkpoint["config"] != config.to_dict():
@@ -310,74 +207,38 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
             raise CheckpointError(f"{run_dir / 'config.toml'} was edited after the checkpoint "
                                   f"was written ({', '.join(changed)} differ): restore it, or "
                                   "start a new run with the new settings")
-        first, rows, state = checkpoint["job"], checkpoint["rows"], checkpoint["state"]
-        start_round = checkpoint["round"] + 1
+        at.job, at.rows, state = checkpoint["job"], checkpoint["rows"], checkpoint["state"]
+        start_round, elapsed = checkpoint["round"] + 1, checkpoint.get("elapsed_s", 0.0)
     if resume:
         comm.barrier()  # every rank has read the checkpoint before rank 0 replaces it
-
-    last_save = started = time.monotonic()
-    before = checkpoint.get("elapsed_s", 0.0) if checkpoint is not None else 0.0
-
-    def due(round_: int) -> bool:
-        if config.checkpoint_every is not None:
-            return round_ % config.checkpoint_every == 0
-        return time.monotonic() - last_save >= config.checkpoint_seconds
-
-    def save(job: int, round_: int, sim_state: dict | None) -> None:
-        nonlocal last_save
-        last_save = time.monotonic()
-        save_checkpoint(run_dir, {"config": config.to_dict(), "job": job, "round": round_,
-                                  "state": sim_state, "rows": rows,
-                                  "elapsed_s": before + last_save - started})
-        write_metrics(run_dir, rows)
-
+    bar = ProgressBar(at, at.job * config.rounds + start_round - 1, progress and comm.is_main)
+    callbacks = [*([Evaluation(config.eval_every), DivergenceStop(report=True), bar,
+                    Checkpointing(elapsed)] if comm.is_main else [DivergenceStop(report=False), bar]),
+                 *callbacks]
     data, data_seed = None, None
-    bar = tqdm(total=len(jobs) * config.rounds, initial=first * config.rounds + start_round - 1,
-               disable=not (progress and main), unit="round", dynamic_ncols=True)
-    with reused_heap(), bar:
-        for job in range(first, len(jobs)):
-            seed, method = jobs[job]
-            if data_seed != seed:
-                data, data_seed = load_data(config, seed), seed
-            sim = Simulation(config, data, method, seed, comm)
+    with reused_heap(), contextlib.ExitStack() as stack:
+        for callback in callbacks:
+            stack.callback(callback.close)
+        for at.job in range(at.job, len(at.jobs)):
+            if data_seed != at.seed:
+                data, data_seed = load_data(config, at.seed), at.seed
+            at.sim = Simulation(config, data, at.method, at.seed, comm)
             if state is not None:
-                sim.load_state_dict(state)
-            bar.set_description(f"{method} seed {seed} (run {job + 1}/{len(jobs)})")
+                at.sim.load_state_dict(state)
+            for callback in callbacks:
+                callback.begin_run(at)
             for r in range(start_round, config.rounds + 1):
+                row = dict.fromkeys(COLUMNS) | {"method": at.method, "seed": at.seed, "round": r}
                 try:
-                    metrics = sim.round()
+                    row.update(at.sim.round())
+                    at.error = None
                 except NonFiniteError as err:  # the server is as it was before the round
-                    row = dict.fromkeys(COLUMNS) | {"method": method, "seed": seed, "round": r,
-                                                     "diverged": True}
-                    if main:
-                        row.update(sim.evaluate())
-                        bar.write(f"{method} seed {seed} diverged in round {r} ({err}); its run "
-                                  "stops there, with the model of the round before")
-                    rows.append(row)
-                    bar.update(config.rounds - r + 1)
-                    if main:
-                        save_model(sim.server.model, run_dir / f"model-{method}-seed{seed}.pt")
-                        save(job + 1, 0, None)
+                    row["diverged"], at.error = True, str(err)
+                at.rows.append(row)
+                stop = [callback.end_round(at, row) for callback in callbacks]
+                if any(stop) or r == config.rounds:
                     break
-                row = dict.fromkeys(COLUMNS) | {"method": method, "seed": seed, "round": r,
-                                                 **metrics}
-                last = r == config.rounds
-                if main and (last or r % config.eval_every == 0):
-                    row.update(sim.evaluate())
-                    bar.set_postfix({k: row[k] for k in ("test_acc", "ood_acc") if row[k] is not None})
-                rows.append(row)
-                bar.update()
-                if not main:
-                    continue
-                if last:
-                    save_model(sim.server.model, run_dir / f"model-{method}-seed{seed}.pt")
-                    save(job + 1, 0, None)
-                elif due(r):
-                    save(job, r, sim.state_dict())
+            for callback in callbacks:
+                callback.end_run(at, r)
             start_round, state = 1, None
-    return rows
-
-
-def save_model(model: nn.Module, path: Path) -> None:
-    """The model's state_dict as independent CPU tensors (``torch.load(weights_only=True)``)."""
-    atomic_save({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, path)
+    return at.rows

@@ -102,7 +102,9 @@ def _comm_cells(metrics: dict[str, Any]) -> tuple[str, str]:
     return f"{comm['floats_per_round'] / 1e6:.3f}", f"{comm['vs_fedavg']:.2f}×"
 
 
-def _render(header: tuple[str, ...], lines: list[tuple[str, ...]], markdown: bool) -> str:
+def render_table(header: Sequence[str], lines: Sequence[Sequence[str]], *,
+                 markdown: bool) -> str:
+    """``lines`` under ``header``: a Markdown table, or plain text in padded columns."""
     if markdown:
         return "\n".join(["| " + " | ".join(header) + " |",
                           "|" + "|".join("---" for _ in header) + "|",
@@ -123,7 +125,7 @@ def format_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown: boo
     lines = [(method_label(m, config), str(len(s["test_acc"]["per_seed"])),
               _accuracy_cell(s["test_acc"]), _accuracy_cell(s["ood_acc"]), *_comm_cells(s))
              for m, s in summary.items()]
-    return _render(header, lines, markdown)
+    return render_table(header, lines, markdown=markdown)
 
 
 def _pair_names(method: str, base: str, config: Config | None) -> tuple[str, bool]:
@@ -184,7 +186,7 @@ def format_gma_table(summary: dict[str, dict[str, dict[str, Any]]], *, markdown:
         lines.append((plain, _accuracy_cell(a and a["test_acc"]), _accuracy_cell(b and b["test_acc"]),
                       _accuracy_cell(a and a["ood_acc"]), _accuracy_cell(b and b["ood_acc"]),
                       *_comm_cells(either)))
-    return _render(header, lines, markdown)
+    return render_table(header, lines, markdown=markdown)
 
 
 def write_results(run_dir: Path, summary: dict, *, config: Config | None = None,

@@ -30,10 +30,11 @@ import torch
 
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint
 from .config import FIELD_TYPES, Config, ConfigError
+from .data.cache import read_data
 from .distributed import (DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session,
                           env_world_size)
 from .io import atomic_write
-from .loop import read_data, run_experiment
+from .loop import run_experiment
 from .report import format_paired, format_table, plot_accuracy, summarize, write_results
 
 #: extra spellings of a setting's flag

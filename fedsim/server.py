@@ -50,13 +50,6 @@ class Server:
         return Aggregation(self, streaming=chunks != 1 or self.comm.distributed,
                            mask=mask or self.mask)
 
-    def step(self, updates: Tensor | Sequence[Tensor], weights: Sequence[float]) -> GMAStats:
-        """Aggregate one batch of flat updates (a ``[C, N]`` matrix or C rows, read where they
-        lie) and step ``w`` in place, combining the ranks' clients."""
-        agg = self.aggregation(1)
-        agg.add(updates, weights)
-        return agg.step()
-
     def state_dict(self) -> dict:
         return {"params": self.params.clone(), "optimizer": self.optimizer.state_dict()}
 

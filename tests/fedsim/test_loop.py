@@ -10,7 +10,8 @@ import torch
 from fedsim.algorithms import Round
 from fedsim.client import ClientData, build_trainer
 from fedsim.config import Config
-from fedsim.loop import Simulation, _glibc, load_data, run_experiment
+from fedsim.heap import _glibc
+from fedsim.loop import Simulation, load_data, run_experiment
 from fedsim.models import build_model
 from fedsim.report import COLUMNS
 from fedsim.server import Server
@@ -133,7 +134,9 @@ def test_fedavg_server_step_is_the_weighted_mean_of_updates(tiny):
     server = Server(build_model("mlp", (1, 4, 4), 3), config, masked=False)
     w = server.params.clone()
     updates = [torch.randn_like(w) for _ in range(3)]
-    stats = server.step(updates, [1.0, 2.0, 5.0])
+    aggregation = server.aggregation(1)
+    aggregation.add(updates, [1.0, 2.0, 5.0])
+    stats = aggregation.step()
     expected = w + 0.5 * (1 * updates[0] + 2 * updates[1] + 5 * updates[2]) / 8
     torch.testing.assert_close(server.params, expected)
     assert float(stats.density) == 1.0
@@ -176,7 +179,7 @@ def test_a_diverging_run_stops_with_the_model_before_and_the_others_go_on(tmp_pa
 _HEAP_PROBE = """
 import ctypes, sys
 import torch
-from fedsim.loop import _glibc, reused_heap
+from fedsim.heap import _glibc, reused_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
