@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import Config, ConfigError
 from .data.sources import source_available
-from .run import OneLineParser
+from .cli import OneLineParser
 from .sweep import Sweep, add_run_flags, create_sweep_dir, run_and_report
 
 SCALES = ("small", "full")

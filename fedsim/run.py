@@ -16,29 +16,21 @@ status 1 and an error naming the failed collective.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
-import typing
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from .checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint
+from .cli import OneLineParser, add_settings
 from .config import FIELD_TYPES, Config, ConfigError
 from .data.cache import read_data
 from .distributed import (DEFAULT_TIMEOUT_S, DistributedAggregationError, distributed_session,
                           env_world_size)
-from .io import atomic_write
 from .loop import run_experiment
-from .report import format_paired, format_table, plot_accuracy, summarize, write_results
+from .report import format_paired, format_table
+from .run_folder import create_run_dir, write_run_results
 
-#: extra spellings of a setting's flag
-ALIASES = {"algorithms": ("--compare", "--algorithm")}
 #: what the run without any setting changes from the defaults: FedGMA's server step and τ as the
 #: selection protocol chose them on validation for this comparison (FedAvg's choice, server lr
 #: 1, is the default): ``python -m fedsim.sweep --grid server_lr=0.5,1,2 --grid
@@ -49,14 +41,6 @@ DEFAULT_COMPARISON = {"gma_server_lr": 2.0, "gma_tau": 0.2}
 PLACEMENT = frozenset({"data_dir", "download", "engine", "cohort_size", "eval_every",
                        "checkpoint_every", "checkpoint_seconds", "device", "deterministic",
                        "threads", "out_dir", "name"})
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line that points to ``--help`` (not the usage
-    block)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,74 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                              f"exchange before failing (default: {DEFAULT_TIMEOUT_S:g})")
     add_settings(parser)
     return parser
-
-
-def add_settings(parser: argparse.ArgumentParser) -> None:
-    """``--config`` and one flag per ``Config`` field (kebab case, with its help and default)."""
-    parser.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
-    settings = parser.add_argument_group("settings (TOML keys: the names with underscores)")
-    for f in dataclasses.fields(Config):
-        hint = FIELD_TYPES[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {show_value(f.default)})")
-        if f.metadata["choices"]:
-            help_text += f"; one of: {', '.join(f.metadata['choices'])}"
-        if hint is bool:
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name, help=help_text)
-        else:
-            settings.add_argument(flag, *ALIASES.get(f.name, ()), dest=f.name, help=help_text,
-                                  type=_parser_for(hint), metavar=f.name.upper())
-
-
-def parse_value(hint: Any, text: str) -> Any:
-    """``text`` as a value of a field typed ``hint`` (as its flag parses it), or ConfigError."""
-    if hint is bool:
-        if text.lower() not in ("true", "false"):
-            raise ConfigError(f"{text!r} is not true or false")
-        return text.lower() == "true"
-    try:
-        return _parser_for(hint)(text)
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a value of type {_type_name(hint)}") from None
-
-
-def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        return f"list of {args[0].__name__}"
-    return (args[0] if args else hint).__name__
-
-
-def _parser_for(hint: Any) -> Callable[[str], Any]:
-    """str -> value for a field's type (``X | None`` parses as X; a tuple from a comma-separated
-    list); Config then checks the value. Its ``__name__`` is what argparse calls the type in an
-    error (``invalid list of int value: 'a,b'``)."""
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-
-        def parse(text: str) -> tuple:
-            return tuple(item(v.strip()) for v in text.split(",") if v.strip())
-        parse.__name__ = f"list of {item.__name__}"
-        return parse
-    return typing.get_args(hint)[0] if typing.get_args(hint) else hint
-
-
-def show_value(value: Any) -> str:
-    """A setting's value as its flag takes it (a list comma-separated)."""
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def new_folder(out_dir: str | Path, name: str) -> Path:
-    """``OUT_DIR/<YYYYmmdd-HHMMSS>-<name>``, made (a numeric suffix if that folder exists)."""
-    base = Path(out_dir) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
-    for n in range(1, 1000):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a folder next to {base}")
 
 
 def resolve(args: argparse.Namespace,
@@ -177,35 +93,6 @@ def check_data(config: Config) -> None:
     clients than examples, a Dirichlet split that cannot give every client its minimum, a
     dataset that is not on this machine) fail before the run folder is made."""
     read_data(config, config.seeds[0])
-
-
-def write_run_results(run_dir: Path, config: Config, rows: list[dict[str, Any]], *,
-                      resumed: bool, seconds: float, world_size: int = 1) -> dict:
-    """A finished run's ``results.json``/``results.md`` and ``accuracy.png``; its summary.
-    ``seconds``: this invocation's time (the run's total comes from its checkpoints)."""
-    summary = summarize(rows)
-    write_results(run_dir, summary, config=config, resumed=resumed,
-                  wall_time_s=run_time(run_dir, seconds), torch=torch.__version__,
-                  device=str(config.torch_device()), threads=torch.get_num_threads(),
-                  world_size=world_size)
-    plot_accuracy(run_dir, rows, config)
-    return summary
-
-
-def run_time(run_dir: Path, this_call: float) -> float:
-    """Seconds the run has taken over all its invocations (kept in its checkpoints; a resumed
-    run adds up, a resumed finished run does not reset it), else ``this_call``."""
-    try:
-        return float(read_checkpoint(run_dir / CHECKPOINT_FILE).get("elapsed_s", this_call))
-    except CheckpointError:
-        return this_call
-
-
-def create_run_dir(config: Config) -> Path:
-    """A new run folder for ``config``, holding its config.toml."""
-    run_dir = new_folder(config.out_dir, config.run_name)
-    atomic_write(run_dir / "config.toml", config.to_toml())
-    return run_dir
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

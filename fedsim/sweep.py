@@ -40,8 +40,8 @@ from .config import FIELD_TYPES, Config, ConfigError, toml_value, tomllib
 from .io import atomic_write
 from .loop import run_experiment
 from .methods import is_masked, plain_name
-from .run import (OneLineParser, add_settings, new_folder, parse_value, show_value,
-                  write_run_results)
+from .cli import OneLineParser, add_settings, at_least_one, parse_value, show_value
+from .run_folder import new_folder, write_run_results
 
 #: settings a sweep cannot vary (its own axes, or where the cells go)
 FIXED = ("algorithms", "seeds", "out_dir", "name")
@@ -305,16 +305,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
-def _count(text: str) -> int:
-    """An integer ≥ 1 (argparse type)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that say how a sweep runs, not what it runs: ``--jobs`` and ``--quiet``."""
-    parser.add_argument("--jobs", type=_count, metavar="N",
+    parser.add_argument("--jobs", type=at_least_one, metavar="N",
                         help="cells run at once, each in its own process (default 1; 2 fills "
                              "two cores at the default threads, half the cores per run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
