@@ -12,7 +12,7 @@ written once (``2N + 16N`` bytes). Then ``ServerOptimizer.step_accumulated`` (SG
 A sample of columns, the last ones (past 2^31 elements when N is that large) among them, is
 checked against a float64 fold of the same values.
 
-    python benchmarks/accumulator_gpu.py --out benchmarks/results/accumulator-h200.json
+    python benchmarks/accumulator_gpu.py --out benchmarks/results/gpu/accumulator.json
     python benchmarks/accumulator_gpu.py --device cpu --numel 1e6 --out /tmp/acc.json  # smoke test
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--numel", type=float, default=7e9, help="parameters N")
     parser.add_argument("--clients", type=int, default=4, help="updates folded, one at a time")
     parser.add_argument("--sample", type=int, default=100_000, help="columns checked")
-    parser.add_argument("--out", default="benchmarks/results/accumulator-gpu.json")
+    parser.add_argument("--out", default="benchmarks/results/gpu/accumulator.json")
     args = parser.parse_args()
     device, n = torch.device(args.device), int(args.numel)
     need = 8 * n + 2 * n + 4 * n + 4 * n  # sums, one update, params, the step's backup

@@ -2,7 +2,7 @@
 with one and with two other processes busy beside it (each a 2-thread torch matmul loop, as a
 Flower simulation's client training would be), all in one run.
 
-    python benchmarks/busy_neighbour.py [--calls 200] [--out benchmarks/results/busy-neighbour-cpu]
+    python benchmarks/busy_neighbour.py [--calls 200] [--out benchmarks/results/cpu/busy-neighbour]
 
 Target: beside one and beside two busy processes, every contender's median at most 2x and its
 90th percentile at most 5x its idle median. Writes ``OUT.json`` and ``OUT.md``.
@@ -63,7 +63,7 @@ def measure(fn: Callable[[], object], calls: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--out", default="benchmarks/results/busy-neighbour-cpu")
+    parser.add_argument("--out", default="benchmarks/results/cpu/busy-neighbour")
     args = parser.parse_args()
     fns = contenders()
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in fns}

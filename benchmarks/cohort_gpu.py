@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the examples")
-    parser.add_argument("--out", default="benchmarks/results/cohort-gpu.json")
+    parser.add_argument("--out", default="benchmarks/results/fedsim/cohort-gpu.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check the open work needs, in one run on a machine with one CUDA GPU (meant to fit
 # one 10-minute call on an H100/H200; not yet timed on one), results under OUT (default
-# benchmarks/results/gpu-run):
+# benchmarks/results/gpu/checks):
 #   1. the library's tests, which run on the GPU with the compiled kernel when it has one;
 #   2. per synchronized call with the default guard, the headline GPU grid (K 8 and 64,
 #      N 2^24 and 2^26, fp32 and bf16) against copy bandwidth;
@@ -12,7 +12,7 @@
 #
 #     pip install -e . --no-deps --no-build-isolation && bash benchmarks/gpu_checks.sh OUT
 set -uo pipefail
-out="${1:-benchmarks/results/gpu-run}"
+out="${1:-benchmarks/results/gpu/checks}"
 mkdir -p "$out"
 status=0
 run() {  # run NAME COMMAND...: log to OUT/NAME.log, remember the first failure

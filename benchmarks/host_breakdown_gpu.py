@@ -5,7 +5,7 @@ call with and without the guard. The pieces are the library's own internals, cal
 calls them; each is the best of 5 repeats of 300 calls, in µs. It tells which part a leaner
 path must cut (the per-call target at N = 2^24 leaves a few tens of µs for all of it).
 
-    python benchmarks/host_breakdown_gpu.py --out benchmarks/results/host-breakdown-h200.json
+    python benchmarks/host_breakdown_gpu.py --out benchmarks/results/gpu/host-breakdown.json
     TRITON_INTERPRET=1 python benchmarks/host_breakdown_gpu.py --device cpu --calls 3 \\
         --out /tmp/host.json   # smoke test: the interpreter's times mean nothing
 """

@@ -1,5 +1,5 @@
 """Median ms of the library's CPU calls on one case, as one JSON line: run it alternately on two
-checkouts to compare them side by side (results/cpu-layout-before-after.md was made so):
+checkouts to compare them side by side (results/before-after/cpu-layout.md was made so):
 
     for i in 1 2 3; do for tree in OLD NEW; do
         (cd /tmp && PYTHONPATH=$tree python NEW/benchmarks/side_by_side.py 16 22 fp32); done; done

@@ -20,7 +20,7 @@ Experiments: (a) ``digits-mlp``: 10 clients, all every round, MLP, 30 rounds; (b
 epochs) against its own floor.
 
     pip install -e ".[sim]" pfl            # and "flwr[simulation]" for --flower
-    python benchmarks/simulators.py [--repeat 3] [--flower] [--out benchmarks/results/simulators-cpu.json]
+    python benchmarks/simulators.py [--repeat 3] [--flower] [--out benchmarks/results/fedsim/simulators-cpu.json]
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--flower", action="store_true", help="also run Flower on digits-mlp")
     parser.add_argument("--no-pfl", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/simulators-cpu.json")
+    parser.add_argument("--out", default="benchmarks/results/fedsim/simulators-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -6,12 +6,16 @@ preceded by the line ``<!-- no-run -->`` is skipped (multi-process or long runs 
 blocks are never run. Blocks run with ``__name__ == "__docs__"``, so an
 ``if __name__ == "__main__":`` part (a script's entry point) is defined but not started.
 A failure names the page and the line of the block's opening fence; tracebacks carry the
-page's own line numbers. Relative links of every page must point at a file of the repository.
+page's own line numbers. Relative links of every page must point at a file of the repository
+(those pages, benchmarks/README.md and every page of benchmarks/results/), and
+benchmarks/results/README.md must be what ``python benchmarks/results_index.py`` writes.
 """
 from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RESULT_PAGES = sorted((ROOT / "benchmarks" / "results").rglob("*.md"))
 NO_RUN = "<!-- no-run -->"
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})(?P<info>[^`]*)$")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
@@ -117,7 +122,8 @@ def test_every_page_has_a_runnable_example(page: Path):
     assert runnable, f"{page_id(page)} has no runnable ```python block"
 
 
-@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md"], ids=page_id)
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md", *RESULT_PAGES],
+                         ids=page_id)
 def test_relative_links_resolve(page: Path):
     text = page.read_text(encoding="utf-8")
     code_lines = {line for b in blocks(page)
@@ -134,3 +140,11 @@ def test_relative_links_resolve(page: Path):
                 f"{page_id(page)}:{number}: link to {target!r}, which does not exist"
             assert path.is_relative_to(ROOT), \
                 f"{page_id(page)}:{number}: link to {target!r}, outside the repository"
+
+
+def test_results_index_is_current():
+    """The index of recorded results lists them as they are: after adding, moving or removing a
+    result, run ``python benchmarks/results_index.py``."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_index.py"),
+                           "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
