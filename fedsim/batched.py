@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 
 #: ``forward(params, x)``: ``[C, B, ...]`` inputs → ``[C, B, classes]`` logits
 ChainForward = Callable[[dict[str, Tensor], Tensor], Tensor]
-#: ``gradient(params, grads, x, y, weight, step=None)``: each client's weighted loss ``[C]``;
+#: ``gradient(params, grads, x, y, weight, lr=None)``: each client's weighted loss ``[C]``;
 #: the gradients written into ``grads``, or the SGD step taken (``chain_gradient``)
 ChainGradient = Callable[..., Tensor]
 _Layer = Callable[[dict[str, Tensor], Tensor], Tensor]
@@ -71,7 +71,7 @@ def chain_forward(chain: Chain) -> ChainForward:
 
 
 def chain_gradient(chain: Chain) -> ChainGradient | None:
-    """``gradient(params, grads, x, y, weight, step=None)`` of the layers ``chain``
+    """``gradient(params, grads, x, y, weight, lr=None)`` of the layers ``chain``
     (``chain_of``) when they are ``Linear``, ``ReLU`` and ``Flatten`` layers only, at least one
     of them linear and none applied twice, else ``None``.
 
@@ -81,7 +81,7 @@ def chain_gradient(chain: Chain) -> ChainGradient | None:
     ``grads``, layer by layer: with ``δ = ∂L/∂(output)`` of a linear layer and ``h`` its input,
     ``∂W = δᵀ h`` (one batched matmul into ``grads``), ``∂b = Σ_i δ_i`` and ``δ ← δ W`` for the
     layer below; a ReLU keeps ``δ`` where its output is positive; the loss's own is
-    ``weight_ki (softmax(f_k(x_ki)) − onehot(y_ki))``. With ``step`` = η it writes no gradient
+    ``weight_ki (softmax(f_k(x_ki)) − onehot(y_ki))``. With ``lr`` = η it writes no gradient
     (``grads`` unused) and takes the SGD step ``θ ← θ − η ∂θ`` in place instead, inside the
     backward (``W ← W − η δᵀh`` as one batched matmul, after ``δ W`` for the layer below)."""
     if not all(isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten)) for _, m in chain) \
@@ -94,7 +94,7 @@ def chain_gradient(chain: Chain) -> ChainGradient | None:
              for n, m in chain if isinstance(m, nn.Linear)}
 
     def gradient(params: dict[str, Tensor], grads: dict[str, Tensor] | None, x: Tensor,
-                 y: Tensor, weight: Tensor, step: float | None = None) -> Tensor:
+                 y: Tensor, weight: Tensor, lr: float | None = None) -> Tensor:
         saved: list[Tensor | torch.Size] = []  # what each layer's backward reads
         fresh = False  # whether ``x`` is a linear layer's own output (a ReLU may overwrite it)
         for name, module in chain:
@@ -121,14 +121,14 @@ def chain_gradient(chain: Chain) -> ChainGradient | None:
             if isinstance(module, nn.Linear):
                 w, b = names[name]
                 below = torch.bmm(delta, params[w]) if i > first else None  # W before its step
-                if step is None:
+                if lr is None:
                     torch.bmm(delta.transpose(1, 2), kept, out=grads[w])
                     if b is not None:
                         torch.sum(delta, 1, out=grads[b])
                 else:
-                    params[w].baddbmm_(delta.transpose(1, 2), kept, alpha=-step)
+                    params[w].baddbmm_(delta.transpose(1, 2), kept, alpha=-lr)
                     if b is not None:
-                        params[b].add_(delta.sum(1), alpha=-step)
+                        params[b].add_(delta.sum(1), alpha=-lr)
                 delta = below
             elif isinstance(module, nn.ReLU):
                 delta = torch.ops.aten.threshold_backward.grad_input(delta, kept, 0,

@@ -271,9 +271,7 @@ class Trainer:
         returned (``[C, N]``)."""
         plan = full_pass_plan(self.data, cohort.ids, min(chunk, max(cohort.sizes)))
         self._accumulate(cohort, plan)
-        if self.weight_decay:
-            cohort.grads.add_(cohort.params, alpha=self.weight_decay)
-        return cohort.grads
+        return add_weight_decay(cohort.grads, cohort.params, self.weight_decay)
 
     def _descend(self, cohort: Cohort, plan: Plan, hook: GradHook | None,
                  last_gradient: bool, loss: LossFn | None) -> Tensor:
@@ -347,7 +345,7 @@ class CohortTrainer(Trainer):
                 # the step inside the backward: no gradient written
                 with torch.no_grad():
                     total.add_(self._gradient(leaves, None, *self._examples(index), weight,
-                                              step=self.lr))
+                                              lr=self.lr))
                 continue
             if not by_hand:
                 losses = self._losses(leaves, index, weight, loss)
@@ -355,36 +353,30 @@ class CohortTrainer(Trainer):
                 if plain:
                     with torch.no_grad():
                         for p, g, view in zip(param_views, fresh, grad_views.values()):
-                            if self.weight_decay:
-                                g.add_(p, alpha=self.weight_decay)
+                            sgd_step(p, g, lr=self.lr, weight_decay=self.weight_decay)
                             if s in last:
                                 view.copy_(g)
-                            p.add_(g, alpha=-self.lr)
                         total.add_(losses.detach())
                     continue
             if everyone[s]:
-                target, views = grads, grad_views
+                target, views, active = grads, grad_views, None
             else:
                 if scratch is None:
                     scratch = torch.empty_like(grads)
                     scratch_views = self._views(scratch)
                 target, views = scratch, scratch_views
+                active = plan.active[s, :, None].to(params.dtype)
             with torch.no_grad():
                 if by_hand:
                     losses = self._gradient(leaves, views, *self._examples(index), weight)
                 else:
                     for view, g in zip(views.values(), fresh):
                         view.copy_(g)
-                if self.weight_decay:
-                    target.add_(params, alpha=self.weight_decay)
-                if hook is not None:
-                    hook(target, params, rows)
+                sgd_step(params, target, lr=self.lr, weight_decay=self.weight_decay, hook=hook,
+                         rows=rows, active=active)
                 if everyone[s]:
-                    params.add_(grads, alpha=-self.lr)
                     total.add_(losses.detach())
-                else:
-                    params.addcmul_(scratch, plan.active[s, :, None].to(params.dtype),
-                                    value=-self.lr)  # P − η (G ⊙ a)
+                else:  # the clients that sat it out keep their last step's gradient
                     torch.where(plan.active[s, :, None], scratch, grads, out=grads)
                     total.add_(losses.detach() * plan.active[s])
         return total.div_(torch.tensor(plan.steps, dtype=total.dtype, device=total.device))
@@ -430,11 +422,8 @@ class SequentialTrainer(Trainer):
                                                             device=yb.device))[0]
                 value.backward()
                 with torch.no_grad():
-                    if self.weight_decay:
-                        self.grad.add_(self.flat.buffer, alpha=self.weight_decay)
-                    if hook is not None:
-                        hook(self.grad[None], self.flat.buffer[None], rows)
-                    self.flat.buffer.add_(self.grad, alpha=-self.lr)
+                    sgd_step(self.flat.buffer[None], self.grad[None], lr=self.lr,
+                             weight_decay=self.weight_decay, hook=hook, rows=rows)
                 total += value.detach()
             cohort.params[j].copy_(self.flat.buffer)
             if last_gradient:
@@ -450,6 +439,29 @@ class SequentialTrainer(Trainer):
             for xb, yb in self._client_batches(plan, j):
                 (F.cross_entropy(self.model(xb), yb, reduction="sum") / n).backward()
             cohort.grads[j].copy_(self.grad)
+
+
+def add_weight_decay(grads: Tensor, params: Tensor, weight_decay: float) -> Tensor:
+    """``g ← g + λ θ`` in place (the gradient of ``L + λ/2 ‖θ‖²``); returns ``g``."""
+    if weight_decay:
+        grads.add_(params, alpha=weight_decay)
+    return grads
+
+
+def sgd_step(params: Tensor, grads: Tensor, *, lr: float, weight_decay: float,
+             hook: GradHook | None = None, rows: slice = slice(None),
+             active: Tensor | None = None) -> None:
+    """The local SGD step, in place: ``g ← g + λ θ``, then ``hook(g, θ, rows)`` if given,
+    then ``θ ← θ − η g``, or ``θ ← θ − η (g ⊙ a)`` with ``active`` ``a`` (1 for the clients
+    that take this step, 0 for those that sit it out). ``g`` keeps ``g + λ θ`` (the gradient
+    that algorithms read back)."""
+    add_weight_decay(grads, params, weight_decay)
+    if hook is not None:
+        hook(grads, params, rows)
+    if active is None:
+        params.add_(grads, alpha=-lr)
+    else:
+        params.addcmul_(grads, active, value=-lr)
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:

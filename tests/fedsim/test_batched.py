@@ -135,9 +135,9 @@ def test_gradient_by_hand(model, shape):
     for name, w in zip(theirs, wanted):
         torch.testing.assert_close(grads[name], w, rtol=1e-10, atol=1e-12, msg=name)
     assert torch.equal(x, x_before)  # the caller's inputs are left as they were
-    # with step=η: the SGD step taken in the backward, every layer's gradient at the old θ
+    # with lr=η: the SGD step taken in the backward, every layer's gradient at the old θ
     stepped = {k: v.clone() for k, v in params.items()}
-    torch.testing.assert_close(gradient(stepped, None, x, y, weight, step=0.3), want,
+    torch.testing.assert_close(gradient(stepped, None, x, y, weight, lr=0.3), want,
                                rtol=1e-12, atol=1e-12)
     for name, w in zip(theirs, wanted):
         torch.testing.assert_close(stepped[name], params[name] - 0.3 * w, rtol=1e-10,
