@@ -1,22 +1,24 @@
-"""The fused Triton kernel: one launch, one pass over every client's update.
+"""The Triton kernels, each beside its launcher: ``_aggregate_kernel`` (``run``: the rows to
+``g``, ``A`` and the server step in one pass), ``_from_sums_kernel`` (``step_from_sums``: the
+same step from a streaming accumulator's sums), ``_fold_kernel`` (``fold``) and
+``_nonfinite_kernel`` (``nonfinite_rows``). They share small ``@triton.jit`` helpers: ``_mask``
+(``A = |count|·scale``; ``m = 1`` where ``|count| ≥ threshold``, else ``A`` or 0), ``_step``
+(the optimizer's state update and parameter write), ``_finite`` and ``_checked`` (the guard).
 
-Each program owns ``BLOCK`` coordinates. It reads that slice of each of the K updates once
-(through a table of K row offsets from one base tensor, so a list of tensors is read where it
-lies), accumulates
-the weighted sum and the sign count in registers, applies the threshold and mask and, in the
-same pass, the server optimizer: state update and parameter write. K and N are runtime
-arguments (no recompilation when the number of clients changes).
+Each program owns ``BLOCK`` coordinates. The aggregate kernel reads that slice of each of the
+K updates once (through a table of K row offsets from one base tensor, so a list of tensors is
+read where it lies) and accumulates the weighted sum and the sign count in registers. K and N
+are runtime arguments (no recompilation when the number of clients changes).
 
 Guard: where a block's aggregate, or the new params or state it steps to, is non-finite the
-program writes nothing and raises a flag;
-every program saves the old parameters/state it overwrites into ``backup`` so the launcher
-can restore them. Per-program partial sums of ``m`` and ``A`` give the mask statistics.
+program writes nothing and raises a flag; every program saves the old parameters/state it
+overwrites into ``backup`` so the launcher can restore them. Per-program partial sums of ``m``
+and ``A`` give the mask statistics. Arguments a variant never reads are passed as None.
 
-Entry points, as every backend has them: ``run(job)`` (aggregate and step in the one launch),
-``step`` (a step on a known ``g``: the same kernel reading ``g`` as its only row, every
-coordinate kept; ``formula.apply_step`` when a mask multiplies the step), ``fold`` and
-``nonfinite_rows``.
+``step`` (a step on a known ``g``) is the aggregate kernel reading ``g`` as its only row,
+every coordinate kept (``formula.apply_step`` when a mask multiplies the step).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -40,6 +42,21 @@ OPTIMIZER_CODES = {None: 0, "sgd": 1, "momentum": 2, "adam": 3, "yogi": 4, "adag
 @triton.jit
 def _sign(x):
     return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+
+
+@triton.jit
+def _finite(x):
+    """Neither NaN nor ±inf."""
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _checked(valid, fine, flag):
+    """Whether ``fine`` holds at every valid coordinate of the block; if not, raise ``flag``."""
+    n_bad = tl.sum((valid & ~fine).to(tl.int32), axis=0)
+    if n_bad > 0:
+        tl.store(flag, 1)
+    return n_bad == 0
 
 
 @triton.jit
@@ -69,26 +86,10 @@ def _accumulate(base, offsets, weights, K, offs, valid, BLOCK: tl.constexpr, VEC
     return total, count
 
 
-@triton.jit(do_not_specialize=["N", "K"])
-def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
-                param_ptr, state1, state2, g_out, a_out, backup, partials, flag,
-                lr, momentum, beta1, beta2, eps, sums_count, weight_sum,
-                WEIGHTED: tl.constexpr, HARD: tl.constexpr,
-                OPT: tl.constexpr, MASKS_STEP: tl.constexpr, GUARD: tl.constexpr,
-                WRITE_G: tl.constexpr, WRITE_A: tl.constexpr, VEC: tl.constexpr,
-                FROM_SUMS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    if FROM_SUMS:  # a streaming accumulator's S (at base) and C (at sums_count): S/Σp, C
-        total = tl.div_rn(tl.load(base + offs, mask=valid, other=0.0), weight_sum)
-        count = tl.load(sums_count + offs, mask=valid, other=0.0)
-        if WEIGHTED:
-            count = tl.div_rn(count, weight_sum)
-    else:
-        total, count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC,
-                                   WEIGHTED, UNROLL)
-
+@triton.jit
+def _mask(count, threshold, scale, HARD: tl.constexpr):
+    """(m, A): ``A = |count|·scale``; ``m = 1`` where ``|count| ≥ threshold``, else ``A``
+    (soft) or 0 (hard)."""
     score = tl.abs(count)
     agree = score * scale
     keep = score >= threshold
@@ -96,100 +97,67 @@ def _gma_kernel(base, offsets, weights, N, K, threshold, scale,
         m = keep.to(tl.float32)
     else:
         m = tl.where(keep, 1.0, agree)
+    return m, agree
+
+
+@triton.jit
+def _block_sums(partials, pid, m, agree, valid):
+    """This program's ``Σ m`` and ``Σ A`` into ``partials[pid]``."""
     tl.store(partials + 2 * pid, tl.sum(tl.where(valid, m, 0.0), axis=0))
     tl.store(partials + 2 * pid + 1, tl.sum(tl.where(valid, agree, 0.0), axis=0))
-    g = m * total
 
-    ok = valid
+
+@triton.jit
+def _step(x, m, offs, valid, ok, N, params, state1, state2, backup, flag, lr, momentum, beta1,
+          beta2, eps, OPT: tl.constexpr, MASKS_STEP: tl.constexpr, GUARD: tl.constexpr):
+    """The server step on ``x`` (``direction · m`` when MASKS_STEP), written where ``ok``:
+    sgd ``d = x``; momentum ``v = β v + x, d = v``; adam/yogi/adagrad (OPT 3/4/5)
+    ``m1 = β1 m1 + (1−β1) x``, ``v`` per kind, ``d = m1 / (√v + ε)``; ``w += lr · d``.
+    With GUARD the old values go to ``backup`` first, and a block writes none of its new
+    values unless all are finite (a finite aggregate can still overflow in the step)."""
+    w = tl.load(params + offs, mask=valid, other=0.0)
     if GUARD:
-        finite = (total == total) & (tl.abs(total) < float("inf"))
-        n_bad = tl.sum((valid & ~finite).to(tl.int32), axis=0)
-        if n_bad > 0:
-            tl.store(flag, 1)
-        ok = valid & (n_bad == 0)
-    if WRITE_A:
-        tl.store(a_out + offs, agree, mask=valid)
-    if WRITE_G:
-        tl.store(g_out + offs, g, mask=ok)
-
-    if OPT > 0:
-        w = tl.load(param_ptr + offs, mask=valid, other=0.0)
+        tl.store(backup + offs, w, mask=valid)
+    first = x
+    second = x
+    if OPT == 1:
+        direction = x
+    elif OPT == 2:
+        first = tl.load(state1 + offs, mask=valid, other=0.0)
         if GUARD:
-            tl.store(backup + offs, w, mask=valid)
-        if MASKS_STEP:
-            x = total
-        else:
-            x = g
-        # the new state and params first; with GUARD a block writes none of them unless all
-        # are finite (a finite aggregate can still overflow in the step)
-        first = x
-        second = x
-        if OPT == 1:
-            direction = x
-        elif OPT == 2:
-            first = tl.load(state1 + offs, mask=valid, other=0.0)
-            if GUARD:
-                tl.store(backup + N + offs, first, mask=valid)
-            first = momentum * first + x
-            direction = first
-        else:
-            first = tl.load(state1 + offs, mask=valid, other=0.0)
-            second = tl.load(state2 + offs, mask=valid, other=0.0)
-            if GUARD:
-                tl.store(backup + N + offs, first, mask=valid)
-                tl.store(backup + 2 * N + offs, second, mask=valid)
-            first = beta1 * first + (1.0 - beta1) * x
-            sq = x * x
-            if OPT == 3:
-                second = beta2 * second + (1.0 - beta2) * sq
-            elif OPT == 4:
-                second = second - (1.0 - beta2) * sq * _sign(second - sq)
-            else:
-                second = second + sq
-            direction = tl.div_rn(first, tl.sqrt_rn(second) + eps)
-        if MASKS_STEP:
-            direction = direction * m
-        new_w = w + lr * direction
+            tl.store(backup + N + offs, first, mask=valid)
+        first = momentum * first + x
+        direction = first
+    else:
+        first = tl.load(state1 + offs, mask=valid, other=0.0)
+        second = tl.load(state2 + offs, mask=valid, other=0.0)
         if GUARD:
-            fine = (new_w == new_w) & (tl.abs(new_w) < float("inf"))
-            if OPT >= 2:
-                fine = fine & (tl.abs(first) < float("inf")) & (first == first)
-            if OPT >= 3:
-                fine = fine & (tl.abs(second) < float("inf")) & (second == second)
-            n_over = tl.sum((valid & ~fine).to(tl.int32), axis=0)
-            if n_over > 0:
-                tl.store(flag, 1)
-            ok = ok & (n_over == 0)
+            tl.store(backup + N + offs, first, mask=valid)
+            tl.store(backup + 2 * N + offs, second, mask=valid)
+        first = beta1 * first + (1.0 - beta1) * x
+        sq = x * x
+        if OPT == 3:
+            second = beta2 * second + (1.0 - beta2) * sq
+        elif OPT == 4:
+            second = second - (1.0 - beta2) * sq * _sign(second - sq)
+        else:
+            second = second + sq
+        direction = tl.div_rn(first, tl.sqrt_rn(second) + eps)
+    if MASKS_STEP:
+        direction = direction * m
+    new_w = w + lr * direction
+    if GUARD:
+        fine = _finite(new_w)
         if OPT >= 2:
-            tl.store(state1 + offs, first, mask=ok)
+            fine = fine & _finite(first)
         if OPT >= 3:
-            tl.store(state2 + offs, second, mask=ok)
-        tl.store(param_ptr + offs, new_w, mask=ok)
-
-
-@triton.jit(do_not_specialize=["N", "K"])
-def _fold_kernel(base, offsets, weights, N, K, total, count, WEIGHTED: tl.constexpr,
-                 VEC: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
-    """Streaming fold: ``S += Σ p_k x_k``, ``C += Σ a_k sign(x_k)`` in one pass."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    add_total, add_count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC,
-                                       WEIGHTED, UNROLL)
-    tl.store(total + offs, tl.load(total + offs, mask=valid) + add_total, mask=valid)
-    tl.store(count + offs, tl.load(count + offs, mask=valid) + add_count, mask=valid)
-
-
-@triton.jit(do_not_specialize=["N", "K"])
-def _nonfinite_kernel(base, offsets, N, K, flags, VEC: tl.constexpr, BLOCK: tl.constexpr):
-    """``flags[k] = 1`` where row k holds a NaN or an infinity in this program's block (every
-    writer writes the same 1, so their order does not matter)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    for k in range(0, K):
-        x = _load_client(base, offsets, k, offs, valid, VEC)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
-        if tl.sum((valid & ~finite).to(tl.int32), axis=0) > 0:
-            tl.store(flags + k, 1)
+            fine = fine & _finite(second)
+        ok = ok & _checked(valid, fine, flag)
+    if OPT >= 2:
+        tl.store(state1 + offs, first, mask=ok)
+    if OPT >= 3:
+        tl.store(state2 + offs, second, mask=ok)
+    tl.store(params + offs, new_w, mask=ok)
 
 
 LAUNCH = {"BLOCK": 1024, "UNROLL": 1, "num_warps": 4, "num_stages": 1}
@@ -258,27 +226,59 @@ def _pack(batch: ClientBatch, weights: tuple[float, ...], pointers: tuple[int, .
     return host.to(batch.device, non_blocking=True) if on_cuda else host
 
 
-def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted: bool) -> None:
-    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
-    weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1 — the kernel counts exactly)."""
-    p = batch.weights
-    base, offsets, weights, vec, _ = _row_table(batch, p, p if weighted else (1.0,) * len(p))
-    _fold_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
-        base, offsets, weights, batch.numel, batch.num_clients, total, count,
-        WEIGHTED=weighted, VEC=vec, **LAUNCH)
+@triton.jit(do_not_specialize=["N", "K"])
+def _aggregate_kernel(base, offsets, weights, N, K, threshold, scale, g_out, a_out, partials,
+                      flag, params, state1, state2, backup, lr, momentum, beta1, beta2, eps,
+                      WEIGHTED: tl.constexpr, HARD: tl.constexpr, OPT: tl.constexpr,
+                      MASKS_STEP: tl.constexpr, GUARD: tl.constexpr, WRITE_G: tl.constexpr,
+                      WRITE_A: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+                      UNROLL: tl.constexpr):
+    """``S = Σ_k p̄_k x_k``, ``C = Σ_k a_k sign(x_k)``, the mask from C, ``g = m · S`` (to
+    ``g_out``), ``A`` (to ``a_out``) and, with OPT > 0, the step on ``g`` (on ``S`` with
+    ``m`` on the direction when MASKS_STEP)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    total, count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC, WEIGHTED,
+                               UNROLL)
+    m, agree = _mask(count, threshold, scale, HARD)
+    _block_sums(partials, pid, m, agree, valid)
+    g = m * total
+    ok = valid
+    if GUARD:
+        ok = valid & _checked(valid, _finite(total), flag)
+    if WRITE_A:
+        tl.store(a_out + offs, agree, mask=valid)
+    if WRITE_G:
+        tl.store(g_out + offs, g, mask=ok)
+    if OPT > 0:
+        if MASKS_STEP:
+            x = total
+        else:
+            x = g
+        _step(x, m, offs, valid, ok, N, params, state1, state2, backup, flag, lr, momentum,
+              beta1, beta2, eps, OPT, MASKS_STEP, GUARD)
 
 
-def nonfinite_rows(batch: ClientBatch) -> list[int]:
-    """The clients whose update holds a NaN or an infinity: one launch that reads each row once
-    (no buffer of N, unlike ``torch.isfinite``), one device sync for all. It reads the rows
-    through the unweighted fold's table, which the accumulator's fold then finds cached."""
-    p = batch.weights
-    base, offsets, _, vec, _ = _row_table(batch, p, (1.0,) * len(p))
-    flags = torch.zeros(batch.num_clients, dtype=torch.int32, device=batch.device)
-    _nonfinite_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
-        base, offsets, batch.numel, batch.num_clients, flags, VEC=vec, BLOCK=LAUNCH["BLOCK"],
-        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
-    return torch.nonzero(flags).flatten().tolist()
+def run(job: Job) -> Outcome:
+    """Aggregate and step in one launch (the guard restores what a failed block overwrote)."""
+    batch = job.batch
+    k, n = batch.num_clients, batch.numel
+    p = batch.mean_weights
+    agree = p if job.mask.weighted_agreement else (1.0,) * k
+    base, offsets, weights, vec, flag = _row_table(batch, p, agree)
+    threshold, scale = mask_threshold(job.mask, k)
+    grid = triton.cdiv(n, LAUNCH["BLOCK"])
+    partials = torch.empty(2 * grid, dtype=torch.float32, device=batch.device)
+    targets = (job.params, *job.states) if job.step is not None else ()
+    backup = _backup(targets) if job.guard else None
+    _aggregate_kernel[(grid,)](
+        base, offsets, weights, n, k, float(threshold), float(scale), job.g_out, job.a_out,
+        partials, flag, **_step_arguments(job.step, targets, backup),
+        WEIGHTED=job.mask.weighted_agreement, HARD=job.mask.mask == "hard", GUARD=job.guard,
+        WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, VEC=vec, **LAUNCH)
+    finite = not job.guard or _flag_clear(flag, targets, backup)
+    return Outcome(finite, partials.view(grid, 2))
 
 
 def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
@@ -291,15 +291,30 @@ def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, .
     return run(Job(one_row, MaskConfig(tau=0.0), config, params, states, guard=guard)).finite
 
 
-def run(job: Job) -> Outcome:
-    """Aggregate and step in one launch (the guard restores what a failed block overwrote)."""
-    batch = job.batch
-    k = batch.num_clients
-    p = batch.mean_weights
-    agree = p if job.mask.weighted_agreement else (1.0,) * k
-    base, offsets, weights, vec, flag = _row_table(batch, p, agree)
-    threshold, scale = mask_threshold(job.mask, k)
-    return _launch(job, (base, offsets, weights), k, threshold, scale, flag, vec=vec)
+@triton.jit(do_not_specialize=["N"])
+def _from_sums_kernel(total_ptr, count_ptr, weight_sum, N, threshold, scale, partials, flag,
+                      params, state1, state2, backup, lr, momentum, beta1, beta2, eps,
+                      WEIGHTED: tl.constexpr, HARD: tl.constexpr, OPT: tl.constexpr,
+                      MASKS_STEP: tl.constexpr, BLOCK: tl.constexpr):
+    """The guarded step from a streaming accumulator's sums: the mean ``S / Σp``, the mask
+    from ``C`` (``C / Σp`` when WEIGHTED) and the step on ``m · S/Σp`` (on ``S/Σp`` with ``m``
+    on the direction when MASKS_STEP)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    total = tl.div_rn(tl.load(total_ptr + offs, mask=valid, other=0.0), weight_sum)
+    count = tl.load(count_ptr + offs, mask=valid, other=0.0)
+    if WEIGHTED:
+        count = tl.div_rn(count, weight_sum)
+    m, agree = _mask(count, threshold, scale, HARD)
+    _block_sums(partials, pid, m, agree, valid)
+    ok = valid & _checked(valid, _finite(total), flag)
+    if MASKS_STEP:
+        x = total
+    else:
+        x = m * total
+    _step(x, m, offs, valid, ok, N, params, state1, state2, backup, flag, lr, momentum, beta1,
+          beta2, eps, OPT, MASKS_STEP, True)
 
 
 def step_from_sums(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
@@ -310,63 +325,109 @@ def step_from_sums(config: StepConfig, params: torch.Tensor, states: tuple[torch
     that reads ``S`` and ``C`` in place of the rows (no buffer of N values besides the
     guard's backup): (``[[Σ m, Σ A]]`` per block, whether ``S/Σp`` is finite, whether it
     stepped). Unless both, params and state are as they were."""
-    job = Job(ClientBatch(None, (total,), (1.0,)), MaskConfig(0.0, "hard" if hard else "soft",
-                                                               weighted),
-              config, params, states, guard=True)
+    n = total.numel()
+    grid = triton.cdiv(n, LAUNCH["BLOCK"])
+    partials = torch.empty(2 * grid, dtype=torch.float32, device=total.device)
     flag = _flag(total.device)
-    outcome = _launch(job, (total, count, float(weight_sum)), 1, threshold, scale, flag, vec=1,
-                      from_sums=True)
-    if outcome.finite:
-        return outcome.sums, True, True
+    targets = (params, *states)
+    backup = _backup(targets)
+    _from_sums_kernel[(grid,)](
+        total, count, float(weight_sum), n, float(threshold), float(scale), partials, flag,
+        **_step_arguments(config, targets, backup), WEIGHTED=weighted, HARD=hard,
+        **_launch_options())
+    sums = partials.view(grid, 2)
+    if _flag_clear(flag, targets, backup):
+        return sums, True, True
     # after a refusal only, which of the two: is S/Σp finite (a reduction, no N-sized copy)
     finite = float(torch.linalg.vector_norm(total, float("inf"))) / weight_sum <= _FLOAT32_MAX
-    return outcome.sums, finite, False
+    return sums, finite, False
 
 
-def _launch(job: Job, source: tuple, k: int, threshold: float, scale: float,
-            flag: torch.Tensor, *, vec: int, from_sums: bool = False) -> Outcome:
-    """One launch of ``_gma_kernel`` over ``job``'s N columns, reading the rows (``source``:
-    base, offsets, weights) or, ``from_sums``, an accumulator's sums (``source``: S, C, Σp)."""
-    step, n, device = job.step, job.batch.numel, job.batch.device
-    grid = triton.cdiv(n, LAUNCH["BLOCK"])
-    partials = torch.empty(2 * grid, dtype=torch.float32, device=device)
-    opt = OPTIMIZER_CODES[step.kind if step else None]
-    states = tuple(job.states) + (None,) * (2 - len(job.states))
-    guard_step = job.guard and step is not None
-    backup = (torch.empty((1 + len(job.states)) * n, dtype=torch.float32, device=device)
-              if guard_step else None)
-    masks_step = step is not None and step.masks_step
-    dummy = partials  # stands in for pointers a variant never touches
-    if from_sums:
-        base, sums_count, weight_sum = source
-        rows = (base, dummy, dummy)
-    else:
-        rows, sums_count, weight_sum = source, dummy, 1.0
-    _gma_kernel[(grid,)](
-        *rows, n, k, float(threshold), float(scale),
-        job.params if step else dummy, states[0] if states[0] is not None else dummy,
-        states[1] if states[1] is not None else dummy,
-        job.g_out if job.g_out is not None else dummy,
-        job.a_out if job.a_out is not None else dummy,
-        backup if backup is not None else dummy, partials, flag,
-        float(step.lr) if step else 0.0, float(step.momentum) if step else 0.0,
-        float(step.beta1) if step else 0.0, float(step.beta2) if step else 0.0,
-        float(step.eps) if step else 1.0, sums_count, float(weight_sum),
-        WEIGHTED=job.mask.weighted_agreement,
-        HARD=job.mask.mask == "hard", OPT=opt, MASKS_STEP=masks_step, GUARD=job.guard,
-        WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, VEC=vec,
-        FROM_SUMS=from_sums, **LAUNCH,
-    )
-    finite = not job.guard or int(flag.item()) == 0
-    if not finite:
-        flag.zero_()  # the device's flag is reused: leave it clear for the next guarded call
-    if not finite and guard_step:
-        _restore(job, backup)
-    return Outcome(finite, partials.view(grid, 2))
+_STEP_ARGUMENTS = ("params", "state1", "state2", "backup", "lr", "momentum", "beta1", "beta2",
+                   "eps")
 
 
-def _restore(job: Job, backup: torch.Tensor) -> None:
-    """Undo a guarded step that met a non-finite block: put back params and state."""
-    n = job.batch.numel
-    for i, target in enumerate((job.params, *job.states)):
-        target.copy_(backup[i * n:(i + 1) * n])
+def _step_arguments(config: StepConfig | None, targets: tuple[torch.Tensor, ...],
+                    backup: torch.Tensor | None) -> dict:
+    """The kernels' step arguments by name: ``targets`` (params, then the states) and the
+    config's scalars; None for what the step (or no step, OPT 0) does not read."""
+    if config is None:
+        return dict.fromkeys(_STEP_ARGUMENTS) | {"OPT": OPTIMIZER_CODES[None], "MASKS_STEP": False}
+    params, state1, state2 = targets + (None,) * (3 - len(targets))
+    return {"params": params, "state1": state1, "state2": state2, "backup": backup,
+            "lr": float(config.lr), "momentum": float(config.momentum),
+            "beta1": float(config.beta1), "beta2": float(config.beta2),
+            "eps": float(config.eps), "OPT": OPTIMIZER_CODES[config.kind],
+            "MASKS_STEP": config.masks_step}
+
+
+def _backup(targets: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The guard's backup of the stepped tensors (None without a step)."""
+    if not targets:
+        return None
+    n = targets[0].numel()
+    return torch.empty(len(targets) * n, dtype=torch.float32, device=targets[0].device)
+
+
+def _flag_clear(flag: torch.Tensor, targets: tuple[torch.Tensor, ...],
+                backup: torch.Tensor | None) -> bool:
+    """Whether the guard flag stayed clear; if not, clear it (the device's flag is reused) and
+    put back the ``targets`` from ``backup``."""
+    if int(flag.item()) == 0:
+        return True
+    flag.zero_()
+    if backup is not None:
+        n = targets[0].numel()
+        for i, target in enumerate(targets):
+            target.copy_(backup[i * n:(i + 1) * n])
+    return False
+
+
+def _launch_options() -> dict:
+    """``LAUNCH`` without the K-loop's unrolling, for the kernels that have no K loop."""
+    return {key: LAUNCH[key] for key in ("BLOCK", "num_warps", "num_stages")}
+
+
+@triton.jit(do_not_specialize=["N", "K"])
+def _fold_kernel(base, offsets, weights, N, K, total, count, WEIGHTED: tl.constexpr,
+                 VEC: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """Streaming fold: ``S += Σ p_k x_k``, ``C += Σ a_k sign(x_k)`` in one pass."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    add_total, add_count = _accumulate(base, offsets, weights, K, offs, valid, BLOCK, VEC,
+                                       WEIGHTED, UNROLL)
+    tl.store(total + offs, tl.load(total + offs, mask=valid) + add_total, mask=valid)
+    tl.store(count + offs, tl.load(count + offs, mask=valid) + add_count, mask=valid)
+
+
+def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted: bool) -> None:
+    """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
+    weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1 — the kernel counts exactly)."""
+    p = batch.weights
+    base, offsets, weights, vec, _ = _row_table(batch, p, p if weighted else (1.0,) * len(p))
+    _fold_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
+        base, offsets, weights, batch.numel, batch.num_clients, total, count,
+        WEIGHTED=weighted, VEC=vec, **LAUNCH)
+
+
+@triton.jit(do_not_specialize=["N", "K"])
+def _nonfinite_kernel(base, offsets, N, K, flags, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """``flags[k] = 1`` where row k holds a NaN or an infinity in this program's block (every
+    writer writes the same 1, so their order does not matter)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    for k in range(0, K):
+        x = _load_client(base, offsets, k, offs, valid, VEC)
+        _checked(valid, _finite(x), flags + k)
+
+
+def nonfinite_rows(batch: ClientBatch) -> list[int]:
+    """The clients whose update holds a NaN or an infinity: one launch that reads each row once
+    (no buffer of N, unlike ``torch.isfinite``), one device sync for all. It reads the rows
+    through the unweighted fold's table, which the accumulator's fold then finds cached."""
+    p = batch.weights
+    base, offsets, _, vec, _ = _row_table(batch, p, (1.0,) * len(p))
+    flags = torch.zeros(batch.num_clients, dtype=torch.int32, device=batch.device)
+    _nonfinite_kernel[(triton.cdiv(batch.numel, LAUNCH["BLOCK"]),)](
+        base, offsets, batch.numel, batch.num_clients, flags, VEC=vec, **_launch_options())
+    return torch.nonzero(flags).flatten().tolist()

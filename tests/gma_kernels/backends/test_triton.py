@@ -120,6 +120,33 @@ def test_step_from_sums_restores_every_block(kind, where):
         assert torch.equal(t, b)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam", "yogi", "adagrad"])
+@pytest.mark.parametrize("placement", ["before", "after"])
+@pytest.mark.parametrize("mask,weighted", [("soft", False), ("hard", False), ("soft", True)])
+def test_from_sums_kernel_equals_the_aggregate_kernel(kind, placement, mask, weighted):
+    """The step from an accumulator's sums (``_from_sums_kernel``) and the step from the
+    updates (``_aggregate_kernel``) share the mask and the step: on updates whose mean is exact
+    in float32 either way (dyadic values, four equal weights: ``S/4`` and ``Σ S_k/4`` are the
+    same number), params and state are bit-identical after three steps."""
+    n = 2500
+    rounds = [(torch.randint(-8, 9, (4, n), generator=gen(r)) / 16).to(DEVICE) for r in range(3)]
+    results = []
+    for source in ("updates", "sums"):
+        params = torch.linspace(-1, 1, n, device=DEVICE)
+        opt = gk.ServerOptimizer(params, kind, lr=0.3, tau=0.5, mask=mask,
+                                 weighted_agreement=weighted, mask_placement=placement,
+                                 backend="triton")
+        for updates in rounds:
+            if source == "updates":
+                opt.step(updates)
+            else:
+                opt.step_accumulated(gk.Accumulator(n, device=DEVICE, backend="triton",
+                                                    weighted_agreement=weighted).add(updates))
+        results.append((params, *opt.states))
+    for from_updates, from_sums in zip(*results):
+        assert torch.equal(from_updates, from_sums)
+
+
 def test_step_from_an_overflowed_sum_names_the_sum():
     """Sums that overflowed float32 in the accumulator refuse the step from them, say that
     the sum overflowed (not the step) and leave params as they were."""
