@@ -266,12 +266,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(sweep_dir: Path, report: dict[str, Any]) -> None:
     """``summary.json``, ``summary.md``, ``ood_vs_rounds.png``, one ``final_vs_<setting>.png``
-    per swept setting with several values and, with conditions, ``ood_by_condition.png``."""
+    per swept setting with several values and, with conditions, ``ood_by_condition.png`` and
+    one ``curve_vs_<condition>.png`` per numeric condition of three values or more."""
     atomic_write(sweep_dir / "summary.json", json.dumps(report, indent=2) + "\n")
     atomic_write(sweep_dir / "summary.md", format_report(report))
     plot_curves(sweep_dir / "ood_vs_rounds.png", report)
     if report["conditions"]:
         plot_conditions(sweep_dir / "ood_by_condition.png", report)
+    for setting in report["conditions"]:
+        values = report["grid"][setting]
+        if len(values) >= 3 and all(isinstance(v, (int, float)) for v in values):
+            plot_condition_curve(sweep_dir / f"curve_vs_{setting}.png", report, setting)
     for setting, values in report["grid"].items():
         if len(values) > 1 and setting not in report["conditions"]:
             plot_final_vs(sweep_dir / f"final_vs_{setting}.png", report, setting)
@@ -347,6 +352,42 @@ def plot_conditions(path: Path, report: dict[str, Any]) -> None:
         _finish_panel(ax, _settings(where), 6)
     for row in axes:
         row[0].set_ylabel("OOD test accuracy (mean over seeds)")
+    save_figure(fig, path, dpi=110)
+
+
+def condition_curve(report: dict[str, Any], setting: str
+                    ) -> dict[str, list[tuple[Any, dict | None, dict | None]]]:
+    """Each method's choice (``report["selection"]``) along the condition ``setting``: label
+    (the method, and the other conditions' values) → ``[(value, OOD test accuracy, color
+    reliance)]`` sorted by value, each a mean/std/n dict (or None)."""
+    lines: dict[str, list[tuple[Any, dict | None, dict | None]]] = {}
+    for row in report["selection"]:
+        if setting not in row["condition"]:
+            continue
+        rest = {k: v for k, v in row["condition"].items() if k != setting}
+        label = row["method"] + (f" ({_settings(rest)})" if rest else "")
+        lines.setdefault(label, []).append((row["condition"][setting], row["final"]["ood_acc"],
+                                            row["final"]["color_reliance"]))
+    return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items()}
+
+
+def plot_condition_curve(path: Path, report: dict[str, Any], setting: str) -> None:
+    """OOD test accuracy and color reliance (mean ± std over seeds) against the condition
+    ``setting``, one line per method at its settings chosen on validation (``condition_curve``)."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for i, (label, points) in enumerate(condition_curve(report, setting).items()):
+        for ax, k in zip(axes, (1, 2)):
+            kept = [(p[0], p[k]) for p in points if p[k] is not None]
+            if kept:
+                ax.errorbar([x for x, _ in kept], [100 * m["mean"] for _, m in kept],
+                            yerr=[100 * m["std"] for _, m in kept], color=f"C{i}", marker="o",
+                            capsize=3, label=label)
+    for ax, label in zip(axes, ("OOD test accuracy %", "color reliance %")):
+        ax.set_xlabel(setting)
+        ax.set_ylabel(label + " (chosen on validation)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     save_figure(fig, path, dpi=110)
 
 
