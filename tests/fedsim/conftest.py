@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from fedsim.config import Config
+from fedsim.loop import run_experiment
+
 #: a run of a second or two: 240 colored digits among 4 clients, 3 per round, the MLP
 TINY = {"num_clients": 4, "clients_per_round": 3, "max_train": 240, "model": "mlp", "rounds": 3,
         "seeds": (0,), "eval_every": 2, "batch_size": 16, "threads": 1}
@@ -37,3 +40,15 @@ def cli():
 @pytest.fixture
 def flags():
     return as_flags
+
+
+@pytest.fixture
+def checkpointed_run(tmp_path, tiny):
+    """(config, run folder) of a finished tiny run of 4 rounds with a checkpoint every round:
+    its last two checkpoints are the end of the run and the round before."""
+    config = Config(**{**tiny, "rounds": 4, "checkpoint_every": 1})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(config.to_toml())
+    run_experiment(config, run_dir, progress=False)
+    return config, run_dir

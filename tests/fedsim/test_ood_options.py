@@ -2,12 +2,9 @@
 the held-out validation set, and the color-reliance metric."""
 import pytest
 import torch
-from torch import nn
 
 from fedsim.config import Config, ConfigError
 from fedsim.data import load_federated
-from fedsim.data.coloring import swap_colors
-from fedsim.loop import color_reliance
 
 
 def greenness(x):
@@ -70,30 +67,6 @@ def test_reversed_color_clients():
     # the default variant is unchanged: the same probabilities as before the option existed
     default = load_federated("colored-digits", split="iid", seed=2)
     assert all(0.1 <= p <= 0.2 for p in default.meta["client_flip_probs"])
-
-
-class ReadsGreen(nn.Module):
-    def forward(self, x):
-        score = x[:, 1].sum((1, 2)) - x[:, 0].sum((1, 2))
-        return torch.stack([-score, score], 1)
-
-
-class ReadsShape(nn.Module):
-    """Looks at the stroke only (red + green), whatever its color."""
-    def __init__(self):
-        super().__init__()
-        self.w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
-
-    def forward(self, x):
-        score = ((x[:, 0] + x[:, 1]) * self.w).sum((1, 2))
-        return torch.stack([-score, score], 1)
-
-
-def test_color_reliance_of_a_color_reader_and_a_shape_reader():
-    x = load_federated("colored-digits", seed=0).test[0]
-    assert torch.equal(swap_colors(swap_colors(x)), x)
-    assert color_reliance(ReadsGreen(), x) == 1.0
-    assert color_reliance(ReadsShape(), x) == 0.0
 
 
 @pytest.mark.parametrize("settings, message", [

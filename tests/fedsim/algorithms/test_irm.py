@@ -4,22 +4,19 @@ to centralized IRMv1 step for step."""
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from fedsim.algorithms.irm import irm_loss
 from fedsim.client import ClientData, build_trainer, client_generator
 from fedsim.config import Config
 from fedsim.data import FederatedDataset, load_federated
-from fedsim.data.coloring import swap_colors
 from fedsim.data.idx import write_idx
 from fedsim.data.sources import IDX_FILES
-from fedsim.loop import Simulation, color_reliance
+from fedsim.loop import Simulation
 from fedsim.models import build_model
 
 
@@ -76,23 +73,6 @@ def test_many_clients_reversed_colors_gray_oracle_and_validation(fashion_dir):
         assert torch.equal(x[:, 0], x[:, 1]) and x.sum() > 0
     with pytest.raises(ValueError, match="label_noise: dataset 'irm-fashion-mnist' has the IRM"):
         load_federated("irm-fashion-mnist", num_clients=2, data_dir=fashion_dir, label_noise=0.1)
-
-
-def test_color_reliance_swaps_the_two_channels():
-    x = torch.rand(6, 2, 3, 3)
-    assert torch.equal(swap_colors(x), x[:, [1, 0]])
-    x = torch.cat([torch.rand(6, 1, 3, 3), torch.zeros(6, 1, 3, 3)], 1)
-    assert color_reliance(_Lambda(lambda z: z.flatten(2).sum(2)), x) == 1.0  # reads the color
-    assert color_reliance(_Lambda(lambda z: z.sum(1).flatten(1)[:, :2]), x) == 0.0  # the shape
-
-
-class _Lambda(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _autograd_irm(logits, y, weight):
