@@ -26,7 +26,7 @@ w = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0])
 got = masked_mean(list(u), w.tolist(), tau=0.4, mask="soft")
 x = u.double(); p = w.double() / w.sum()
 agree = torch.sign(x).mean(0).abs()  # a_k = 1/K
-want = torch.where(agree >= 0.4, agree, 0) * (p[:, None] * x).sum(0)
+want = torch.where(agree >= 0.4, 1.0, agree) * (p[:, None] * x).sum(0)  # soft: 1 or A
 torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 print("native used:", native.usable())
 """
