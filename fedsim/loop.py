@@ -181,9 +181,9 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
                    comm: Collective | None = None, callbacks: Sequence[Callback] = ()
                    ) -> list[dict[str, Any]]:
     """Run every method for every seed (same data and seeds for every method); return the
-    metrics rows. Checkpoints every ``checkpoint_every`` rounds, or (unset) at the first round
-    end ``checkpoint_seconds`` after the previous checkpoint; ``resume`` continues from the
-    run folder's checkpoint (if it has one; else from the start) and ends exactly as an
+    metrics rows, and write the run folder ``run_dir`` (made if missing). Checkpoints every
+    ``checkpoint_every`` rounds, or (unset) at the first round end ``checkpoint_seconds``
+    after the previous checkpoint; ``resume`` continues from the run folder's checkpoint (if it has one; else from the start) and ends exactly as an
     uninterrupted run would.
 
     ``comm`` (default: the initialized process group, if any, else one process): the ranks
@@ -194,6 +194,8 @@ def run_experiment(config: Config, run_dir: Path, *, resume: bool = False, progr
     progress bar and checkpoints, then ``callbacks`` (yours: they see each round's finished
     row, and may stop a run)."""
     comm = comm or current_collective()
+    if comm.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads or default_threads())
     torch.backends.cudnn.deterministic = config.deterministic
     torch.backends.cudnn.benchmark = not config.deterministic
