@@ -1,5 +1,11 @@
-"""Shared settings for the simulator's tests: tiny data, few rounds, one thread; and how to run
-``python -m fedsim.run`` in a subprocess."""
+"""Shared settings for the simulator's tests: tiny data, few rounds, one thread; a finished
+checkpointed run; and how to run ``python -m fedsim.run`` in a subprocess.
+
+The files mirror ``fedsim/``: ``test_<module>.py`` for each module with logic, in
+``algorithms/`` and ``data/`` for those subpackages (``algorithms/test_registry.py`` is the
+package's ``__init__``; ``algorithms/test_base.py`` what holds for every algorithm). Files
+about a whole feature sit beside them: ``test_resume.py``, ``test_end_to_end.py``,
+``test_ood_options.py``."""
 import os
 import sys
 from pathlib import Path
