@@ -1,16 +1,16 @@
-"""The dispatcher, the only module that imports a backend: it picks one, applies the non-finite
-policy and runs the density rescale (two passes: the density must be known before the step).
+"""The dispatcher, the only module that imports a backend: it picks one (``resolve_backend``,
+a ``backends.Backend``), applies the non-finite policy and runs the density rescale (two
+passes: the density must be known before the step).
 
-Call path: ``api.gma_step`` → ``execute`` → the backend's ``run(job)``, whose mask is
-``formula.mask_from_count`` (``backends/torch_ops.py``), the C loop (``backends/csrc``) or the
-Triton kernel (``backends/triton_kernel.py``), all from ``formula.mask_threshold``.
-
-Every backend module has the same entry points: ``run(job) -> Outcome`` (aggregate and step),
-``step(config, params, states, g, mask=None, *, guard) -> bool`` (a step on a known ``g``) and
-``fold(batch, total, count, weighted)`` (the streaming accumulator's sums), ``finish(total,
-count, weight_sum, threshold, scale, hard, weighted)`` (its result), ``step_from_sums`` (that
-result and a guarded step: one pass in the native and Triton kernels, ``formula.streaming_step``
-in PyTorch ops) and ``nonfinite_rows(batch)``.
+Call path, three Python hops from the public call to the mask: ``api.gma_step`` (or
+``masked_mean``, ``agreement``, ``ServerOptimizer.step``) → ``execute`` → the backend's
+``run(job)``, which applies the mask itself: ``torch_ops.run`` calls
+``formula.mask_from_count`` block by block, ``native.run`` runs the C pass
+(``csrc/gma_cpu.c``) over column chunks on its threads (``_over_columns``), and
+``triton_kernel.run`` launches ``_aggregate_kernel``. With ``rescale``, ``execute`` goes
+through ``_rescaled``, which calls ``run`` and then the backend's ``step``. The streaming
+accumulator's result and step (``streaming.py``) call the backend's ``finish`` and
+``step_from_sums`` directly; every mask is made from ``formula.MaskParams``.
 """
 from __future__ import annotations
 
@@ -19,14 +19,13 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from types import ModuleType
 
 import torch
-from torch import Tensor
 
+from .backends import Backend
 from .batch import ClientBatch
-from .config import (NONFINITE_POLICIES, GMAStats, NonFiniteError, NonFinitePolicy, StepConfig,
-                     _check_choice)
+from .config import NONFINITE_POLICIES, GMAStats, NonFiniteError, NonFinitePolicy, _check_choice
+from .formula import rescale
 from .job import Job, Outcome
 
 BACKENDS = ("auto", "triton", "torch")
@@ -43,7 +42,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+def resolve_backend(backend: str, device: torch.device) -> Backend:
     """The backend module for ``backend`` on ``device``: "auto" is Triton on CUDA when
     importable, else "torch"; "torch" on CPU is the native C kernel when it is usable."""
     _check_choice("backend", backend, BACKENDS)
@@ -62,7 +61,7 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return triton_kernel
 
 
-def screen_nonfinite(impl: ModuleType, batch: ClientBatch, policy: NonFinitePolicy, *,
+def screen_nonfinite(impl: Backend, batch: ClientBatch, policy: NonFinitePolicy, *,
                      name: Callable[[int], str], untouched: str, hint: str = "") -> list[int]:
     """The non-finite policy, one home for the batch path and the accumulator: the clients of
     ``batch`` to aggregate. "raise" raises ``NonFiniteError`` naming (``name(k)``) every client
@@ -109,24 +108,7 @@ def execute(job: Job, *, nonfinite: NonFinitePolicy = "raise", backend: str = "a
     return GMAStats(outcome.sums, job.batch.numel, job.batch.num_clients, dropped)
 
 
-def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], g: Tensor,
-         mask: Tensor | None = None, *, guard: bool, backend: str = "auto") -> bool:
-    """A server step on a known ``g`` (``mask`` multiplies it when ``config.masks_step``) on
-    the chosen backend; returns whether it stepped (with ``guard``, only if all is finite)."""
-    return resolve_backend(backend, params.device).step(config, params, states, g, mask,
-                                                        guard=guard)
-
-
-def step_from_sums(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], total: Tensor,
-                   count: Tensor, weight_sum: float, threshold: float, scale: float, hard: bool,
-                   weighted: bool, *, backend: str = "auto") -> tuple[Tensor, bool, bool]:
-    """The guarded server step from a streaming accumulator's sums on the chosen backend:
-    (``[[Σ m, Σ A]]``, whether ``S/Σp`` is finite, whether it stepped)."""
-    return resolve_backend(backend, params.device).step_from_sums(
-        config, params, states, total, count, weight_sum, threshold, scale, hard, weighted)
-
-
-def _rescaled(impl: ModuleType, job: Job) -> Outcome:
+def _rescaled(impl: Backend, job: Job) -> Outcome:
     """The density rescale in two passes: ``g`` first, then ``g / (mean(m) + 1e-12)`` and the
     step; not finite when the guard met a non-finite value in either."""
     n = job.batch.numel
@@ -135,10 +117,10 @@ def _rescaled(impl: ModuleType, job: Job) -> Outcome:
     outcome = impl.run(replace(job, step=None, params=None, states=(), g_out=g))
     if not outcome.finite:
         return outcome
-    g.mul_(1.0 / (outcome.mask_sum / n + 1e-12))
+    rescale(g, outcome.mask_sum / n)
     if job.guard and not bool(torch.isfinite(g).all()):
         return Outcome(False, outcome.sums)  # the rescale overflowed: nothing may reach params
-    if job.step is not None and not impl.step(job.step, job.params, job.states, g,
-                                              guard=job.guard):
+    if job.step is not None and not impl.step(config=job.step, params=job.params,
+                                              states=job.states, x=g, guard=job.guard):
         return Outcome(False, outcome.sums)
     return outcome

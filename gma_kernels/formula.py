@@ -4,11 +4,16 @@
   count ``c`` with ``c / K ≥ τ`` (``count_threshold``), so the mask compares integers and is
   bit-identical everywhere; weighted, ``τ`` lowered by the float32 rounding bound of the
   weighted sum (``weighted_threshold``).
-* **Mask** from the signed count (``mask_from_count``): ``A = |count| · scale``; ``m = 1``
-  where ``|count| ≥ threshold``, else ``A`` (soft) or 0 (hard). The Triton kernel and the C
-  kernel compute the same two lines in registers, from the same threshold and scale.
+* **Mask** from the signed count (``mask_from_count``, with ``MaskParams``: threshold, scale,
+  hard, weighted): ``A = |count| · scale``; ``m = 1`` where ``|count| ≥ threshold``, else ``A``
+  (soft) or 0 (hard). The Triton kernel and the C kernel compute the same two lines in
+  registers, from the same ``MaskParams``.
+* **Density rescale** (``rescale``): ``x / (density + 1e-12)``.
 * **Streaming result** from the accumulated ``S = Σ p_k Δ_k`` and ``C = Σ a_k sign(Δ_k)``
-  (``streaming_result``): the mean ``S / Σp`` and the mask from ``C`` (``C / Σp`` weighted).
+  (``StreamSums``, ``streaming_result``): the mean ``S / Σp`` and the mask from ``C``
+  (``C / Σp`` weighted).
+* **Mask placement** (``step_input``): the step sees ``g = m ⊙ mean``, or the mean with ``m``
+  on its direction (``StepConfig.masks_step``).
 * **Server step** on a known ``g`` (``step_values``, ``apply_step``): sgd ``w += η g``;
   momentum ``v = β v + g, w += η v``; adam/yogi/adagrad ``m = β1 m + (1−β1) g``,
   ``v = β2 v + (1−β2) g²`` / ``v − (1−β2) g² sign(v − g²)`` / ``v + g²``,
@@ -17,6 +22,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,26 +72,61 @@ def mask_threshold(mask: MaskConfig, num_clients: int) -> tuple[float, float]:
     return count_threshold(mask.tau, num_clients), fp32_scalar(1.0 / num_clients)
 
 
-def mask_from_count(count: Tensor, threshold: float, scale: float, hard: bool
-                    ) -> tuple[Tensor, Tensor]:
+class MaskParams(NamedTuple):
+    """The mask as every backend applies it to a score (the signed count, or the weighted
+    agreement when ``weighted``): ``A = |score| · scale``; ``m = 1`` where
+    ``|score| ≥ threshold``, else ``A`` (soft) or 0 (``hard``)."""
+
+    threshold: float
+    scale: float
+    hard: bool
+    weighted: bool
+
+    @classmethod
+    def of(cls, mask: MaskConfig, num_clients: int) -> MaskParams:
+        """``mask`` over ``num_clients`` clients (``mask_threshold``)."""
+        threshold, scale = mask_threshold(mask, num_clients)
+        return cls(threshold, scale, mask.mask == "hard", mask.weighted_agreement)
+
+
+def mask_from_count(count: Tensor, mask: MaskParams) -> tuple[Tensor, Tensor]:
     """(m, A) from the signed count, overwriting ``count`` with ``A = |count| · scale``;
     ``m = 1`` where ``|count| ≥ threshold``, else ``A`` (soft) or 0 (hard)."""
     score = count.abs_()
-    keep = score >= threshold
-    agree = score.mul_(scale) if scale != 1.0 else score
-    return (keep.to(torch.float32) if hard else torch.where(keep, 1.0, agree)), agree
+    keep = score >= mask.threshold
+    agree = score.mul_(mask.scale) if mask.scale != 1.0 else score
+    return (keep.to(torch.float32) if mask.hard else torch.where(keep, 1.0, agree)), agree
 
 
-def streaming_result(total: Tensor, count: Tensor, weight_sum: float, threshold: float,
-                     scale: float, hard: bool, weighted: bool
+def rescale(x: Tensor, density: Tensor) -> Tensor:
+    """The density rescale in place: ``x / (density + 1e-12)``."""
+    return x.mul_(1.0 / (density + 1e-12))
+
+
+class StreamSums(NamedTuple):
+    """A streaming accumulator's sums: ``total = S = Σ p_k Δ_k``, ``count = C = Σ a_k
+    sign(Δ_k)`` (float32, N each) and ``weight_sum = Σ p_k``."""
+
+    total: Tensor
+    count: Tensor
+    weight_sum: float
+
+
+def streaming_result(sums: StreamSums, *, mask: MaskParams
                      ) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """(mean ``S/Σp``, mask ``m`` from ``C`` — ``C/Σp`` when ``weighted`` — both new buffers,
-    ``[[Σ m, Σ A]]`` float32, whether the mean is finite) from the sums ``S = total`` and
-    ``C = count``, which are only read."""
-    m, agree = mask_from_count(count / weight_sum if weighted else count.clone(), threshold,
-                               scale, hard)
-    mean = total / weight_sum
+    """(mean ``S/Σp``, mask ``m`` from ``C`` — ``C/Σp`` when ``mask.weighted`` — both new
+    buffers, ``[[Σ m, Σ A]]`` float32, whether the mean is finite); the sums are only read."""
+    count = sums.count / sums.weight_sum if mask.weighted else sums.count.clone()
+    m, agree = mask_from_count(count, mask)
+    mean = sums.total / sums.weight_sum
     return mean, m, torch.stack((m.sum(), agree.sum()))[None], bool(torch.isfinite(mean).all())
+
+
+def step_input(config: StepConfig, mean: Tensor, m: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(the step's input, the mask on its direction): ``(m ⊙ mean, None)`` — ``mean``
+    multiplied in place — or, when the mask multiplies the step (``config.masks_step``),
+    ``(mean, m)``."""
+    return (mean, m) if config.masks_step else (mean.mul_(m), None)
 
 
 def step_values(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
@@ -143,8 +184,8 @@ def _surely_finite(step: StepConfig, params: Tensor, states: tuple[Tensor, ...],
     return direction < _SAFE and biggest(params) + step.lr * direction < _SAFE
 
 
-def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
-               mask: Tensor | None = None, *, guard: bool = False) -> bool:
+def apply_step(*, config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+               mask: Tensor | None = None, guard: bool = False) -> bool:
     """One server step in place (``step_values``), block by block (``STEP_BLOCK``).
     With ``guard`` nothing is written unless every new value is finite: a bound from the
     inputs' largest magnitudes (``_surely_finite``, a few read-only passes) settles it in the
@@ -155,10 +196,10 @@ def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: 
     blocks = [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
     def values(sl: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return step_values(step, params[sl], tuple(t[sl] for t in states), x[sl],
+        return step_values(config, params[sl], tuple(t[sl] for t in states), x[sl],
                            None if mask is None else mask[sl])
 
-    if guard and not _surely_finite(step, params, states, x):
+    if guard and not _surely_finite(config, params, states, x):
         for sl in blocks:
             new_params, new_states = values(sl)
             if not all(bool(torch.isfinite(t).all()) for t in (new_params, *new_states)):
@@ -171,16 +212,14 @@ def apply_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: 
     return True
 
 
-def streaming_step(step: StepConfig, params: Tensor, states: tuple[Tensor, ...], total: Tensor,
-                   count: Tensor, weight_sum: float, threshold: float, scale: float, hard: bool,
-                   weighted: bool) -> tuple[Tensor, bool, bool]:
+def streaming_step(sums: StreamSums, *, mask: MaskParams, config: StepConfig, params: Tensor,
+                   states: tuple[Tensor, ...]) -> tuple[Tensor, bool, bool]:
     """The guarded server step from a streaming accumulator's sums: ``streaming_result``, then
-    ``apply_step`` on ``g = m ⊙ S/Σp`` (or ``S/Σp`` with ``m`` on the step, ``masks_step``).
-    Returns (``[[Σ m, Σ A]]``, whether the mean is finite, whether it stepped); unless both,
-    params and state are as they were."""
-    mean, m, sums, finite = streaming_result(total, count, weight_sum, threshold, scale, hard,
-                                             weighted)
+    ``apply_step`` on ``step_input``. Returns (``[[Σ m, Σ A]]``, whether the mean is finite,
+    whether it stepped); unless both, params and state are as they were."""
+    mean, m, stats, finite = streaming_result(sums, mask=mask)
     if not finite:
-        return sums, False, False
-    x, after = (mean, m) if step.masks_step else (mean.mul_(m), None)
-    return sums, True, apply_step(step, params, states, x, after, guard=True)
+        return stats, False, False
+    x, after = step_input(config, mean, m)
+    return stats, True, apply_step(config=config, params=params, states=states, x=x, mask=after,
+                                   guard=True)

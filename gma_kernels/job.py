@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .batch import ClientBatch
 from .config import MaskConfig, StepConfig
+from .formula import MaskParams
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Job:
     g_out: Tensor | None = None
     a_out: Tensor | None = None
     guard: bool = True
+
+    @property
+    def mask_params(self) -> MaskParams:
+        """The mask over this batch's clients, as the backends apply it."""
+        return MaskParams.of(self.mask, self.batch.num_clients)
 
 
 @dataclass(frozen=True)

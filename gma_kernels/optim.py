@@ -8,12 +8,10 @@ from torch import Tensor
 
 from . import dispatch
 from .batch import Updates, Weights, check_params, make_batch
-from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFiniteError,
-                     NonFinitePolicy, OptimizerKind, Placement, StepConfig, _check_choice)
+from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFinitePolicy,
+                     OptimizerKind, Placement, StepConfig, _check_choice)
 from .job import Job
-from .streaming import Accumulator
-
-_STEP_OVERFLOW = "the accumulated step overflows float32; params and optimizer state left unchanged"
+from .streaming import Accumulator, step_from
 
 
 class ServerOptimizer:
@@ -90,25 +88,9 @@ class ServerOptimizer:
         if accumulator.numel != self.params.numel() or device != self.params.device:
             raise ValueError(f"accumulator holds {accumulator.numel} elements on {device}; "
                              f"params has {self.params.numel()} on {self.params.device}")
-        step = self._next_step()
-        if not self.mask_config.rescale and self.nonfinite != "unchecked":
-            k, weight_sum, threshold, scale = accumulator._settings(self.mask_config)
-            sums, finite, stepped = dispatch.step_from_sums(
-                step, self.params, self.states, accumulator.total, accumulator.count,
-                weight_sum, threshold, scale, self.mask_config.mask == "hard",
-                self.mask_config.weighted_agreement, backend=self.backend)
-            if not finite:
-                raise NonFiniteError("the accumulated sum overflowed float32; params and "
-                                     "optimizer state left unchanged")
-            if not stepped:
-                raise NonFiniteError(_STEP_OVERFLOW)
-            self.steps_taken += 1
-            return GMAStats(sums, accumulator.numel, k, tuple(accumulator.dropped))
-        mean, m, stats = accumulator.finalize(self.mask_config)
-        x, after = (mean, m) if step.masks_step else (mean.mul_(m), None)
-        if not dispatch.step(step, self.params, self.states, x, after,
-                             guard=self.nonfinite != "unchecked", backend=self.backend):
-            raise NonFiniteError(_STEP_OVERFLOW)
+        stats = step_from(accumulator, config=self._next_step(), mask=self.mask_config,
+                          params=self.params, states=self.states,
+                          guard=self.nonfinite != "unchecked", backend=self.backend)
         self.steps_taken += 1
         return stats
 

@@ -10,16 +10,19 @@ the identical unweighted mask.
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from .backends import Backend
 from .batch import ClientBatch, Updates, Weights, make_batch
 from .config import (NONFINITE_POLICIES, GMAStats, MaskConfig, MaskKind, NonFiniteError,
-                     NonFinitePolicy, _check_choice, as_count, as_number, check_bool)
+                     NonFinitePolicy, StepConfig, _check_choice, as_count, as_number,
+                     check_bool)
 from .dispatch import resolve_backend, screen_nonfinite
-from .formula import mask_threshold
+from .formula import MaskParams, StreamSums, rescale, step_input
+
+_STEP_OVERFLOW = "the accumulated step overflows float32; params and optimizer state left unchanged"
 
 
 class Accumulator:
@@ -87,9 +90,9 @@ class Accumulator:
             self._fold(impl, batch if len(keep) == batch.num_clients else batch.subset(keep))
         return self
 
-    def _fold(self, impl: ModuleType, batch: ClientBatch) -> None:
+    def _fold(self, impl: Backend, batch: ClientBatch) -> None:
         """``S += Σ p_k Δ_k``, ``C += Σ a_k sign(Δ_k)`` with the raw weights ``p_k``."""
-        impl.fold(batch, self.total, self.count, self.weighted_agreement)
+        impl.fold(batch, total=self.total, count=self.count, weighted=self.weighted_agreement)
         # two scalar adds on the device: a host tensor copied in would wait for the fold
         self.buffer[-2] += math.fsum(batch.weights)
         self.buffer[-1] += batch.num_clients
@@ -111,10 +114,12 @@ class Accumulator:
         """``(Σp, threshold, scale)`` of the result under ``config``, once the accumulator is
         known to hold a result for it (some client, a positive weight sum, the same kind of
         agreement)."""
-        return self._settings(config)[1:]
+        _, sums, mask = self._result(config)
+        return sums.weight_sum, mask.threshold, mask.scale
 
-    def _settings(self, config: MaskConfig) -> tuple[int, float, float, float]:
-        """``(K, *result_settings(config))`` from one read of the buffer."""
+    def _result(self, config: MaskConfig) -> tuple[int, StreamSums, MaskParams]:
+        """(K, the sums, the mask) of the result under ``config``, from one read of the
+        buffer; checked as ``result_settings`` says."""
         weight_sum, k = self._totals()
         if k == 0:
             raise ValueError("the accumulator holds no client update")
@@ -122,20 +127,19 @@ class Accumulator:
             raise ValueError("weighted_agreement differs between the mask and the accumulator")
         if weight_sum <= 0:
             raise ValueError("the accumulated weights sum to zero")
-        return (k, weight_sum, *mask_threshold(config, k))
+        return k, StreamSums(self.total, self.count, weight_sum), MaskParams.of(config, k)
 
     def finalize(self, config: MaskConfig) -> tuple[Tensor, Tensor, GMAStats]:
         """(weighted mean ``S/Σp``, mask ``m`` — divided by its density with ``rescale`` —,
         stats). Both tensors are new float32 buffers of N elements."""
-        k, weight_sum, threshold, scale = self._settings(config)
+        k, sums, mask = self._result(config)
         impl = resolve_backend(self.backend, self.buffer.device)
-        mean, m, sums, finite = impl.finish(self.total, self.count, weight_sum, threshold, scale,
-                                            config.mask == "hard", config.weighted_agreement)
-        stats = GMAStats(sums, self.numel, k, tuple(self.dropped))
+        mean, m, mask_sums, finite = impl.finish(sums, mask=mask)
+        stats = GMAStats(mask_sums, self.numel, k, tuple(self.dropped))
         if not finite:
             raise NonFiniteError("the accumulated sum overflowed float32")
         if config.rescale:
-            m.mul_(1.0 / (stats.density + 1e-12))
+            rescale(m, stats.density)
             if not bool(torch.isfinite(mean * m).all()):
                 raise NonFiniteError("the rescaled average overflowed float32; nothing was stepped")
         return mean, m, stats
@@ -145,3 +149,30 @@ class Accumulator:
         """``g = m ⊙ S / Σp``, as ``gma_kernels.masked_mean`` computes it in one batch."""
         mean, m, _ = self.finalize(MaskConfig(tau, mask, self.weighted_agreement, rescale))
         return mean.mul_(m)
+
+
+def step_from(accumulator: Accumulator, *, config: StepConfig, mask: MaskConfig,
+              params: Tensor, states: tuple[Tensor, ...], guard: bool, backend: str
+              ) -> GMAStats:
+    """The server step ``config`` on ``params`` and ``states`` from ``accumulator``'s result
+    under ``mask``: guarded and without ``rescale``, in one pass from the sums (the backend's
+    ``step_from_sums``), else from ``finalize``'s mean and mask (``formula.step_input``, the
+    backend's ``step``). A non-finite sum or step raises ``NonFiniteError`` with params and
+    state left unchanged (unless unguarded)."""
+    if guard and not mask.rescale:
+        k, sums, mask_params = accumulator._result(mask)
+        mask_sums, finite, stepped = resolve_backend(backend, params.device).step_from_sums(
+            sums, mask=mask_params, config=config, params=params, states=states)
+        if not finite:
+            raise NonFiniteError("the accumulated sum overflowed float32; params and "
+                                 "optimizer state left unchanged")
+        if not stepped:
+            raise NonFiniteError(_STEP_OVERFLOW)
+        return GMAStats(mask_sums, accumulator.numel, k, tuple(accumulator.dropped))
+    mean, m, stats = accumulator.finalize(mask)
+    x, after = step_input(config, mean, m)
+    if not resolve_backend(backend, params.device).step(config=config, params=params,
+                                                        states=states, x=x, mask=after,
+                                                        guard=guard):
+        raise NonFiniteError(_STEP_OVERFLOW)
+    return stats

@@ -15,9 +15,15 @@ between calls of one size, written past the caches), then the tile is stepped in
 with a non-finite new value is put back from it and stops its chunk, and the tiles stepped
 before it are put back too, so params and state end as they were.
 
-``usable()`` is False when the library was not built or could not be loaded, or with
-``ENABLED`` False (the environment variable ``GMA_KERNELS_NATIVE=0`` at import): the dispatcher
-then runs the torch backend's pure-PyTorch chunks on CPU.
+Each C entry point takes one argument structure (``_AggregateArgs``, ``_StepArgs``,
+``_FinishArgs``, ``_FoldArgs``, ``_Rows``: ctypes mirrors of the C structs, checked against the
+library's own sizes when it is loaded), its chunk's column range and a ``_Sums`` record per
+chunk, read by field name.
+
+``usable()`` is False when the library was not built, could not be loaded or was built from
+another version of ``csrc/gma_cpu.c``, or with ``ENABLED`` False (the environment variable
+``GMA_KERNELS_NATIVE=0`` at import): the dispatcher then runs the torch backend's pure-PyTorch
+chunks on CPU.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import functools
 import importlib.machinery
 import os
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +44,7 @@ from torch import Tensor
 
 from ..batch import ClientBatch
 from ..config import StepConfig
-from ..formula import mask_threshold
+from ..formula import MaskParams, StreamSums
 from ..job import Job, Outcome
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -48,14 +55,61 @@ CHUNKS_PER_THREAD = 4              # chunks per thread, so a late thread's share
 OUT_OF_MEMORY = -2                 # a C call's code when malloc failed (before it wrote anything)
 _ALIGN = 8192                      # chunks start on a tile of the C loop
 
+_p, _f32, _i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int32
+
+
+class _Rows(ctypes.Structure):
+    """The clients' rows (pointers to element 0), their dtype code, the weights ``w_k`` and
+    the agreement weights ``a_k`` (None: the exact unweighted count)."""
+    _fields_ = [("rows", _p), ("num_clients", ctypes.c_int64), ("dtype", _i32),
+                ("weights", _p), ("agree_weights", _p)]
+
+
+class _Mask(ctypes.Structure):
+    """``MaskParams`` as C reads it."""
+    _fields_ = [("threshold", _f32), ("scale", _f32), ("hard", _i32), ("weighted", _i32)]
+
 
 class _Step(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int)] + [(name, ctypes.c_float) for name in (
-        "lr", "momentum", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps")]
+    """The server step (kind 0: none) and the arrays it writes: params, states, backups."""
+    _fields_ = ([("kind", _i32), ("masks_step", _i32), ("guard", _i32)]
+                + [(name, _f32) for name in ("lr", "momentum", "beta1", "one_minus_beta1",
+                                             "beta2", "one_minus_beta2", "eps")]
+                + [(name, _p) for name in ("w", "s1", "s2", "bw", "bs1", "bs2")])
 
 
-class _StepArrays(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("w", "s1", "s2", "bw", "bs1", "bs2")]
+class _Sums(ctypes.Structure):
+    """What a chunk adds up: ``Σ m``, ``Σ A``, the non-finite ``S_j`` and the columns stepped."""
+    _fields_ = [(name, ctypes.c_double) for name in ("mask_sum", "agreement_sum", "nonfinite",
+                                                      "stepped")]
+
+
+class _AggregateArgs(ctypes.Structure):
+    _fields_ = [("rows", _Rows), ("mask", _Mask), ("g", _p), ("a_out", _p), ("step", _Step)]
+
+
+class _StepArgs(ctypes.Structure):
+    _fields_ = [("x", _p), ("mask", _p), ("step", _Step)]
+
+
+class _FinishArgs(ctypes.Structure):
+    _fields_ = [("total", _p), ("count", _p), ("weight_sum", _f32), ("mask", _Mask),
+                ("mean", _p), ("m_out", _p), ("step", _Step)]
+
+
+class _FoldArgs(ctypes.Structure):
+    _fields_ = [("rows", _Rows), ("total", _p), ("count", _p)]
+
+
+#: the C structs' mirrors, in the order of the library's ``gma_cpu_layout`` sizes
+_LAYOUT = (_Rows, _Mask, _Step, _Sums, _AggregateArgs, _StepArgs, _FinishArgs, _FoldArgs)
+SUMS = np.dtype(_Sums)
+_CHUNK = [ctypes.c_int64, ctypes.c_int64]  # the column range [lo, hi) every entry point takes
+_ENTRY_POINTS = {"gma_cpu_aggregate": [ctypes.POINTER(_AggregateArgs), *_CHUNK, _p],
+                 "gma_cpu_step": [ctypes.POINTER(_StepArgs), *_CHUNK, _p],
+                 "gma_cpu_finish": [ctypes.POINTER(_FinishArgs), *_CHUNK, _p],
+                 "gma_cpu_fold": [ctypes.POINTER(_FoldArgs), *_CHUNK],
+                 "gma_cpu_nonfinite": [ctypes.POINTER(_Rows), *_CHUNK, _p]}
 
 
 @functools.cache
@@ -66,20 +120,16 @@ def _library() -> ctypes.CDLL | None:
         if path.exists():
             try:
                 lib = ctypes.CDLL(str(path))
-            except OSError:
+                sizes = list((ctypes.c_int64 * len(_LAYOUT)).in_dll(lib, "gma_cpu_layout"))
+            except (OSError, ValueError):
                 return None
-            p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-            head = [p, c_int, i64, i64, i64, p, p]   # rows, dtype, K, lo, hi, w, a
-            step = [ctypes.POINTER(_Step), ctypes.POINTER(_StepArrays), c_int, p]
-            lib.gma_cpu_aggregate.argtypes = head + [c_float, c_float, c_int, p, p, p, c_int] + step
-            lib.gma_cpu_step.argtypes = head + [p, p] + step
-            lib.gma_cpu_fold.argtypes = head + [p, p]
-            lib.gma_cpu_nonfinite.argtypes = head + [p]
-            lib.gma_cpu_finish.argtypes = head + [p, p, c_float, c_int, c_float, c_float, c_int,
-                                                  p, p, c_int] + step
-            for fn in ("gma_cpu_aggregate", "gma_cpu_step", "gma_cpu_fold", "gma_cpu_nonfinite",
-                       "gma_cpu_finish"):
-                getattr(lib, fn).restype = c_int
+            if sizes != [ctypes.sizeof(mirror) for mirror in _LAYOUT]:
+                warnings.warn(f"{path.name} was built from another version of csrc/gma_cpu.c; "
+                              "rebuild it (pip install -e .): using the PyTorch CPU path")
+                return None
+            for name, argtypes in _ENTRY_POINTS.items():
+                getattr(lib, name).argtypes = argtypes
+                getattr(lib, name).restype = ctypes.c_int
             return lib
     return None
 
@@ -99,11 +149,40 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix=f"gma-cpu-{pid}")
 
 
-def _row_pointers(batch: ClientBatch) -> np.ndarray:
+def _address(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _array_address(array: np.ndarray) -> int:
+    """Where a (non-empty) array's data starts: ``array.ctypes.data``, for half its cost."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(array))
+
+
+def _floats(values: tuple[float, ...] | None) -> np.ndarray | None:
+    return None if not values else np.array(values, dtype=np.float32)
+
+
+def _rows(batch: ClientBatch, weights: tuple[float, ...] | None,
+          agree_weights: tuple[float, ...] | None = None) -> _Rows:
+    """The batch's rows with ``weights`` and ``agree_weights``. The arrays it points at live
+    as long as it does (``keep``); a structure that holds a copy of it must hold its ``keep``
+    too."""
     if batch.matrix is not None:
         stride = batch.matrix.stride(0) * batch.dtype.itemsize
-        return batch.matrix.data_ptr() + stride * np.arange(batch.num_clients, dtype=np.uint64)
-    return np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
+        pointers = batch.matrix.data_ptr() + stride * np.arange(batch.num_clients,
+                                                                dtype=np.uint64)
+    else:
+        pointers = np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
+    w, a = _floats(weights), _floats(agree_weights)
+    rows = _Rows(_array_address(pointers), batch.num_clients, DTYPE_CODES[batch.dtype],
+                 None if w is None else _array_address(w),
+                 None if a is None else _array_address(a))
+    rows.keep = (pointers, w, a)
+    return rows
+
+
+def _mask(mask: MaskParams) -> _Mask:
+    return _Mask(mask.threshold, mask.scale, mask.hard, mask.weighted)
 
 
 def _chunks(n: int, parallel: bool) -> tuple[list[int], int]:
@@ -117,28 +196,27 @@ def _chunks(n: int, parallel: bool) -> tuple[list[int], int]:
     return bounds + [n], threads
 
 
-def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[float, ...],
-                  agree_weights: tuple[float, ...] | None, *rest, sums: int = 0,
-                  parallel: bool = True) -> tuple[list[int], list[int], np.ndarray]:
-    """Call ``fn(rows, dtype, K, lo, hi, w, a, *rest, chunk_sums)`` on every chunk of the
-    ``numel`` columns: the calling thread and the pool's threads each take the next chunk
-    until none is left (see the module docstring). Each chunk gets a zeroed float64 array of
-    ``sums`` sums to add into. Returns (the chunk bounds, each chunk's return code,
-    ``[chunks, sums]``); a negative code raises."""
+def _over_columns(fn: Callable[..., int], args: ctypes.Structure, numel: int, *,
+                  out: np.dtype | None = SUMS, parallel: bool = True
+                  ) -> tuple[list[int], list[int], np.ndarray]:
+    """Call ``fn(&args, lo, hi, &partial[i])`` on every chunk ``i`` of the ``numel`` columns:
+    the calling thread and the pool's threads each take the next chunk until none is left (see
+    the module docstring). Each chunk adds into a zeroed record of dtype ``out`` (None: the
+    entry point takes none). Returns (the chunk bounds, each chunk's return code, the records);
+    a negative code raises."""
     bounds, threads = _chunks(numel, parallel)
     chunks = len(bounds) - 1
-    if batch is not None:
-        pointers = _row_pointers(batch)
-        head = (pointers.ctypes.data, DTYPE_CODES[batch.dtype], batch.num_clients)
-    else:
-        head = (None, 0, 0)
-    w = np.array(weights, dtype=np.float32)
-    a = None if agree_weights is None else np.array(agree_weights, dtype=np.float32)
-    tail = (w.ctypes.data if len(w) else None, None if a is None else a.ctypes.data)
-    partial = np.zeros((chunks, max(sums, 1)), dtype=np.float64)
+    pointer = ctypes.byref(args)
+    partial = np.zeros(chunks, dtype=out if out is not None else SUMS)
+    start, size = _array_address(partial), partial.strides[0]
+
+    def call(i: int) -> int:
+        record = () if out is None else (start + i * size,)
+        return fn(pointer, bounds[i], bounds[i + 1], *record)
+
     codes = [0] * chunks
     if chunks == 1:
-        codes[0] = fn(*head, 0, numel, *tail, *rest, partial[0].ctypes.data)
+        codes[0] = call(0)
     else:
         taken = iter(range(chunks))
         lock = threading.Lock()
@@ -151,8 +229,7 @@ def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[floa
                 if i is None:
                     return
                 try:
-                    codes[i] = fn(*head, bounds[i], bounds[i + 1], *tail, *rest,
-                                  partial[i].ctypes.data)
+                    codes[i] = call(i)
                 finally:
                     done.release()
 
@@ -164,7 +241,7 @@ def _over_columns(fn, batch: ClientBatch | None, numel: int, weights: tuple[floa
             done.acquire()
     for i in [i for i, c in enumerate(codes) if c == OUT_OF_MEMORY]:
         partial[i] = 0  # that chunk wrote nothing: the calling thread takes it again
-        codes[i] = fn(*head, bounds[i], bounds[i + 1], *tail, *rest, partial[i].ctypes.data)
+        codes[i] = call(i)
     if any(c < 0 for c in codes):
         raise KernelFailure(codes, bounds, partial)
     return bounds, codes, partial
@@ -183,88 +260,84 @@ class KernelFailure(RuntimeError):
         self.bounds, self.partial = bounds, partial
 
 
-def _address(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def run(job: Job) -> Outcome:
     """The whole pass in C: aggregate and, with ``job.step``, step params and state."""
-    batch, step = job.batch, job.step
-    threshold, scale = mask_threshold(job.mask, batch.num_clients)
+    batch = job.batch
     agree_w = batch.mean_weights if job.mask.weighted_agreement else None
-    g = job.g_out  # None: g lives in the C loop's tile buffer only
-    split = step is not None and step.masks_step
-    args, arrays, targets, backups = _step_args(step, job.params, job.states, job.guard)
-    with _undone_on_failure(3, targets, backups):
-        bounds, codes, partial = _over_columns(
-            _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_w,
-            float(threshold), float(scale), int(job.mask.mask == "hard"), _address(g),
-            _address(job.a_out), None, int(split), args, arrays, int(job.guard), sums=4)
+    step, targets, backups = _step(job.step, job.params, job.states, job.guard)
+    rows = _rows(batch, batch.mean_weights, agree_w)
+    args = _AggregateArgs(rows, _mask(job.mask_params), _address(job.g_out),
+                          _address(job.a_out), step)
+    args.keep = rows.keep
+    with _undone_on_failure(targets, backups):
+        bounds, codes, partial = _over_columns(_library().gma_cpu_aggregate, args, batch.numel)
     sums, bad = _statistics(partial)
     if not job.guard or (bad == 0 and not any(codes)):
         return Outcome(True, sums)
-    _put_back(bounds, partial[:, 3], targets, backups)
+    _put_back(bounds, partial, targets, backups)
     return Outcome(False, sums)
 
 
 def _statistics(partial: np.ndarray) -> tuple[Tensor, float]:
     """(``[[Σ m, Σ A]]`` as float32, the number of non-finite aggregates) from the chunks'
-    sums of an aggregating call (``[chunks, 4]``)."""
-    totals = partial[0] if len(partial) == 1 else partial.sum(0)
-    return torch.from_numpy(totals[None, :2].astype(np.float32)), float(totals[2])
+    records, added in chunk order."""
+    totals = partial[0] if len(partial) == 1 else \
+        partial.view((np.float64, len(SUMS.names))).sum(0).view(SUMS)[0]
+    mask_sum, agreement_sum, nonfinite, _ = totals.item()  # _Sums's fields, in order
+    return torch.from_numpy(np.array([[mask_sum, agreement_sum]], dtype=np.float32)), nonfinite
 
 
-def step(config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
-         mask: Tensor | None = None, *, guard: bool = False) -> bool:
+def step(*, config: StepConfig, params: Tensor, states: tuple[Tensor, ...], x: Tensor,
+         mask: Tensor | None = None, guard: bool = False) -> bool:
     """A server step on a known ``g = x`` (``mask`` multiplies the direction) in C; returns
     whether it stepped (with ``guard``, nothing is written unless every new value is finite)."""
-    args, arrays, targets, backups = _step_args(config, params, states, guard)
-    with _undone_on_failure(0, targets, backups):
-        bounds, codes, partial = _over_columns(
-            _library().gma_cpu_step, None, params.numel(), (), None, x.data_ptr(),
-            _address(mask), args, arrays, int(guard), sums=1)
+    stepping, targets, backups = _step(config, params, states, guard)
+    args = _StepArgs(x.data_ptr(), _address(mask), stepping)
+    with _undone_on_failure(targets, backups):
+        bounds, codes, partial = _over_columns(_library().gma_cpu_step, args, params.numel())
     if not any(codes):
         return True
-    _put_back(bounds, partial[:, 0], targets, backups)
+    _put_back(bounds, partial, targets, backups)
     return False
 
 
-def _step_args(config: StepConfig | None, params: Tensor | None, states: tuple[Tensor, ...],
-               guard: bool) -> tuple:
-    """(the C step settings or None, its arrays, the stepped tensors, their backups)."""
+def _step(config: StepConfig | None, params: Tensor | None, states: tuple[Tensor, ...],
+          guard: bool) -> tuple[_Step, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(the C step, kind 0 without ``config``; the stepped tensors; their backups)."""
     if config is None:
-        return None, None, (), ()
+        return _Step(), (), ()
     targets = (params, *states)
     backups = _scratch(params.numel(), len(targets)) if guard else ()
-    pointers = [t.data_ptr() for t in targets] + [None] * (3 - len(targets))
-    pointers += [b.data_ptr() for b in backups] + [None] * (3 - len(backups))
-    args = _Step(KIND_CODES[config.kind], config.lr, config.momentum, config.beta1,
-                 1.0 - config.beta1, config.beta2, 1.0 - config.beta2, config.eps)
-    return ctypes.byref(args), ctypes.byref(_StepArrays(*pointers)), targets, backups
+    arrays = [t.data_ptr() for t in targets] + [None] * (3 - len(targets))
+    arrays += [b.data_ptr() for b in backups] + [None] * (3 - len(backups))
+    return _Step(KIND_CODES[config.kind], config.masks_step, guard, config.lr, config.momentum,
+                 config.beta1, 1.0 - config.beta1, config.beta2, 1.0 - config.beta2,
+                 config.eps, *arrays), targets, backups
 
 
 @contextlib.contextmanager
-def _undone_on_failure(stepped_sum: int, targets: tuple[Tensor, ...],
-                       backups: tuple[Tensor, ...]) -> Iterator[None]:
-    """When a chunk fails (``KernelFailure``), put back what the other chunks stepped (column
-    counts in sum ``stepped_sum`` of each chunk) and say so; unguarded calls have no backups."""
+def _undone_on_failure(targets: tuple[Tensor, ...], backups: tuple[Tensor, ...]
+                       ) -> Iterator[None]:
+    """When a chunk fails (``KernelFailure``), put back what the other chunks stepped and say
+    so; unguarded calls have no backups."""
     try:
         yield
     except KernelFailure as failure:
         if not targets:
             raise
         if backups:
-            _put_back(failure.bounds, failure.partial[:, stepped_sum], targets, backups)
+            _put_back(failure.bounds, failure.partial, targets, backups)
         left = "params and optimizer state left unchanged" if backups else \
             "params and optimizer state may be partly stepped (unguarded call)"
         failure.args = (f"{failure}; {left}",)
         raise
 
 
-def _put_back(bounds: list[int], stepped: np.ndarray, targets: tuple[Tensor, ...],
+def _put_back(bounds: list[int], partial: np.ndarray, targets: tuple[Tensor, ...],
               backups: tuple[Tensor, ...]) -> None:
-    """Restore the columns each chunk stepped before the guard stopped it."""
-    for lo, count in zip(bounds, stepped.astype(np.int64).tolist()):
+    """Restore the columns each chunk stepped (its record's ``stepped``) before the guard
+    stopped it."""
+    for lo, count in zip(bounds, partial["stepped"].astype(np.int64).tolist()):
         for target, backup in zip(targets, backups):
             target[lo:lo + count].copy_(backup[lo:lo + count])
 
@@ -284,60 +357,52 @@ def _scratch(numel: int, count: int) -> tuple[Tensor, ...]:
     return bufs
 
 
-def aggregate(batch: ClientBatch, agree_weights: tuple[float, ...] | None, threshold: float,
-              scale: float, hard: bool, g: Tensor, a_out: Tensor | None,
-              m_out: Tensor | None) -> np.ndarray:
-    """Fill ``g`` (and ``a_out``, ``m_out``) for every column; return ``[Σ m, Σ A, #non-finite
-    S_j]`` (float64). ``agree_weights`` None: the unweighted, exact sign count."""
-    _, _, partial = _over_columns(
-        _library().gma_cpu_aggregate, batch, batch.numel, batch.mean_weights, agree_weights,
-        float(threshold), float(scale), int(hard), g.data_ptr(), _address(a_out),
-        _address(m_out), int(m_out is not None), None, None, 0, sums=4)
-    return partial.sum(0)[:3]
-
-
 def nonfinite_rows(batch: ClientBatch) -> list[int]:
     """The clients whose update holds a NaN or an infinity, read on the calling thread."""
-    _, _, partial = _over_columns(_library().gma_cpu_nonfinite, batch, batch.numel, (), None,
-                                  sums=batch.num_clients, parallel=False)
+    _, _, partial = _over_columns(_library().gma_cpu_nonfinite, _rows(batch, None),
+                                  batch.numel, out=_counts(batch.num_clients), parallel=False)
     return np.flatnonzero(partial.sum(0)).tolist()
 
 
-def fold(batch: ClientBatch, total: Tensor, count: Tensor, weighted: bool) -> None:
+@functools.cache
+def _counts(num_clients: int) -> np.dtype:
+    """A chunk's record of the non-finite screen: a count per client."""
+    return np.dtype((np.float64, num_clients))
+
+
+def fold(batch: ClientBatch, *, total: Tensor, count: Tensor, weighted: bool) -> None:
     """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
     weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1)."""
-    _over_columns(_library().gma_cpu_fold, batch, batch.numel, batch.weights,
-                  batch.weights if weighted else None, total.data_ptr(), count.data_ptr())
+    rows = _rows(batch, batch.weights, batch.weights if weighted else None)
+    args = _FoldArgs(rows, total.data_ptr(), count.data_ptr())
+    args.keep = rows.keep
+    _over_columns(_library().gma_cpu_fold, args, batch.numel, out=None)
 
 
-def finish(total: Tensor, count: Tensor, weight_sum: float, threshold: float, scale: float,
-           hard: bool, weighted: bool) -> tuple[Tensor, Tensor, Tensor, bool]:
+def finish(sums: StreamSums, *, mask: MaskParams) -> tuple[Tensor, Tensor, Tensor, bool]:
     """``formula.streaming_result`` in one pass in C: (mean ``S/Σp``, mask ``m``,
-    ``[[Σ m, Σ A]]``, whether the mean is finite); ``total`` and ``count`` are only read."""
-    mean, m = torch.empty_like(total), torch.empty_like(total)
-    _, _, partial = _over_columns(
-        _library().gma_cpu_finish, None, total.numel(), (), None, total.data_ptr(),
-        count.data_ptr(), float(weight_sum), int(weighted), float(threshold), float(scale),
-        int(hard), mean.data_ptr(), m.data_ptr(), 1, None, None, 0, sums=4)
-    sums, bad = _statistics(partial)
-    return mean, m, sums, bad == 0
+    ``[[Σ m, Σ A]]``, whether the mean is finite); the sums are only read."""
+    mean, m = torch.empty_like(sums.total), torch.empty_like(sums.total)
+    args = _FinishArgs(sums.total.data_ptr(), sums.count.data_ptr(), sums.weight_sum,
+                       _mask(mask), mean.data_ptr(), m.data_ptr(), _Step())
+    _, _, partial = _over_columns(_library().gma_cpu_finish, args, sums.total.numel())
+    stats, bad = _statistics(partial)
+    return mean, m, stats, bad == 0
 
 
-def step_from_sums(config: StepConfig, params: Tensor, states: tuple[Tensor, ...],
-                   total: Tensor, count: Tensor, weight_sum: float, threshold: float,
-                   scale: float, hard: bool, weighted: bool) -> tuple[Tensor, bool, bool]:
+def step_from_sums(sums: StreamSums, *, mask: MaskParams, config: StepConfig, params: Tensor,
+                   states: tuple[Tensor, ...]) -> tuple[Tensor, bool, bool]:
     """The guarded server step straight from the streaming sums, ``finish`` and the step in
     one pass (no buffer of N values besides the guard's backups): (``[[Σ m, Σ A]]``, whether
     the mean is finite, whether it stepped). Unless both, params and state are as they were."""
-    args, arrays, targets, backups = _step_args(config, params, states, True)
-    with _undone_on_failure(3, targets, backups):
-        bounds, codes, partial = _over_columns(
-            _library().gma_cpu_finish, None, total.numel(), (), None, total.data_ptr(),
-            count.data_ptr(), float(weight_sum), int(weighted), float(threshold),
-            float(scale), int(hard), None, None, int(config.masks_step), args, arrays, 1,
-            sums=4)
-    sums, bad = _statistics(partial)
+    stepping, targets, backups = _step(config, params, states, True)
+    args = _FinishArgs(sums.total.data_ptr(), sums.count.data_ptr(), sums.weight_sum,
+                       _mask(mask), None, None, stepping)
+    with _undone_on_failure(targets, backups):
+        bounds, codes, partial = _over_columns(_library().gma_cpu_finish, args,
+                                               sums.total.numel())
+    stats, bad = _statistics(partial)
     if bad == 0 and not any(codes):
-        return sums, True, True
-    _put_back(bounds, partial[:, 3], targets, backups)
-    return sums, bad == 0, False
+        return stats, True, True
+    _put_back(bounds, partial, targets, backups)
+    return stats, bad == 0, False

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..batch import ClientBatch
 from ..config import MaskConfig, StepConfig
-from ..formula import apply_step, mask_threshold, streaming_result
+from ..formula import MaskParams, StreamSums, apply_step, streaming_result
 from ..job import Job, Outcome
 
 finish = streaming_result  # the streaming result: a few element-wise ops, not worth a kernel
@@ -267,26 +267,27 @@ def run(job: Job) -> Outcome:
     p = batch.mean_weights
     agree = p if job.mask.weighted_agreement else (1.0,) * k
     base, offsets, weights, vec, flag = _row_table(batch, p, agree)
-    threshold, scale = mask_threshold(job.mask, k)
+    mask = job.mask_params
     grid = triton.cdiv(n, LAUNCH["BLOCK"])
     partials = torch.empty(2 * grid, dtype=torch.float32, device=batch.device)
     targets = (job.params, *job.states) if job.step is not None else ()
     backup = _backup(targets) if job.guard else None
     _aggregate_kernel[(grid,)](
-        base, offsets, weights, n, k, float(threshold), float(scale), job.g_out, job.a_out,
-        partials, flag, **_step_arguments(job.step, targets, backup),
-        WEIGHTED=job.mask.weighted_agreement, HARD=job.mask.mask == "hard", GUARD=job.guard,
+        base, offsets, weights, n, k, float(mask.threshold), float(mask.scale), job.g_out,
+        job.a_out, partials, flag, **_step_arguments(job.step, targets, backup),
+        WEIGHTED=mask.weighted, HARD=mask.hard, GUARD=job.guard,
         WRITE_G=job.g_out is not None, WRITE_A=job.a_out is not None, VEC=vec, **LAUNCH)
     finite = not job.guard or _flag_clear(flag, targets, backup)
     return Outcome(finite, partials.view(grid, 2))
 
 
-def step(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
-         x: torch.Tensor, mask: torch.Tensor | None = None, *, guard: bool = False) -> bool:
+def step(*, config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
+         x: torch.Tensor, mask: torch.Tensor | None = None, guard: bool = False) -> bool:
     """A server step on a known ``g = x`` in place; returns whether it stepped (with ``guard``,
     nothing is written unless every new value is finite)."""
     if mask is not None:
-        return apply_step(config, params, states, x, mask, guard=guard)
+        return apply_step(config=config, params=params, states=states, x=x, mask=mask,
+                          guard=guard)
     one_row = ClientBatch(None, (x,), (1.0,))
     return run(Job(one_row, MaskConfig(tau=0.0), config, params, states, guard=guard)).finite
 
@@ -317,30 +318,29 @@ def _from_sums_kernel(total_ptr, count_ptr, weight_sum, N, threshold, scale, par
           beta2, eps, OPT, MASKS_STEP, True)
 
 
-def step_from_sums(config: StepConfig, params: torch.Tensor, states: tuple[torch.Tensor, ...],
-                   total: torch.Tensor, count: torch.Tensor, weight_sum: float,
-                   threshold: float, scale: float, hard: bool, weighted: bool
+def step_from_sums(sums: StreamSums, *, mask: MaskParams, config: StepConfig,
+                   params: torch.Tensor, states: tuple[torch.Tensor, ...]
                    ) -> tuple[torch.Tensor, bool, bool]:
     """The guarded server step straight from a streaming accumulator's sums, in one launch
     that reads ``S`` and ``C`` in place of the rows (no buffer of N values besides the
     guard's backup): (``[[Σ m, Σ A]]`` per block, whether ``S/Σp`` is finite, whether it
     stepped). Unless both, params and state are as they were."""
-    n = total.numel()
+    n = sums.total.numel()
     grid = triton.cdiv(n, LAUNCH["BLOCK"])
-    partials = torch.empty(2 * grid, dtype=torch.float32, device=total.device)
-    flag = _flag(total.device)
+    partials = torch.empty(2 * grid, dtype=torch.float32, device=sums.total.device)
+    flag = _flag(sums.total.device)
     targets = (params, *states)
     backup = _backup(targets)
     _from_sums_kernel[(grid,)](
-        total, count, float(weight_sum), n, float(threshold), float(scale), partials, flag,
-        **_step_arguments(config, targets, backup), WEIGHTED=weighted, HARD=hard,
-        **_launch_options())
-    sums = partials.view(grid, 2)
+        sums.total, sums.count, float(sums.weight_sum), n, float(mask.threshold),
+        float(mask.scale), partials, flag, **_step_arguments(config, targets, backup),
+        WEIGHTED=mask.weighted, HARD=mask.hard, **_launch_options())
+    stats = partials.view(grid, 2)
     if _flag_clear(flag, targets, backup):
-        return sums, True, True
+        return stats, True, True
     # after a refusal only, which of the two: is S/Σp finite (a reduction, no N-sized copy)
-    finite = float(torch.linalg.vector_norm(total, float("inf"))) / weight_sum <= _FLOAT32_MAX
-    return sums, finite, False
+    biggest = float(torch.linalg.vector_norm(sums.total, float("inf")))
+    return stats, biggest / sums.weight_sum <= _FLOAT32_MAX, False
 
 
 _STEP_ARGUMENTS = ("params", "state1", "state2", "backup", "lr", "momentum", "beta1", "beta2",
@@ -400,7 +400,8 @@ def _fold_kernel(base, offsets, weights, N, K, total, count, WEIGHTED: tl.conste
     tl.store(count + offs, tl.load(count + offs, mask=valid) + add_count, mask=valid)
 
 
-def fold(batch: ClientBatch, total: torch.Tensor, count: torch.Tensor, weighted: bool) -> None:
+def fold(batch: ClientBatch, *, total: torch.Tensor, count: torch.Tensor, weighted: bool
+         ) -> None:
     """Streaming fold in place: ``total += Σ p_k x_k``, ``count += Σ a_k sign(x_k)`` (raw
     weights ``p_k``; ``a_k = p_k`` when ``weighted``, else 1 — the kernel counts exactly)."""
     p = batch.weights

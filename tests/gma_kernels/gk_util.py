@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from gma_kernels.backends import native as _native
+
 #: CUDA when present (the Triton kernel then runs compiled), else the CPU (Triton's interpreter,
 #: enabled by tests/conftest.py before triton is imported).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -14,6 +16,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("matrix", "list", "transposed", "rowslice", "strided_list", "row_views")
 PARAM_DTYPES = pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 F64 = torch.float64
+needs_native = pytest.mark.skipif(not _native.available(),
+                                  reason="native CPU kernel not built (no C compiler at install)")
+#: the two paths of backend="torch" on CPU (the ``path`` fixture of tests/gma_kernels/backends)
+CPU_PATHS = [pytest.param("native", marks=needs_native), "torch_ops"]
 
 
 def gen(seed: int) -> torch.Generator:

@@ -28,6 +28,74 @@
 #define TILE 8192
 #endif
 
+/* The entry points' arguments, mirrored field for field by the ctypes structures of
+ * gma_kernels/backends/native.py: each entry point takes one of them, the column range [lo, hi)
+ * of its chunk and (but the fold) where to add the chunk's results. */
+
+/* The clients' rows: rows[k] points at element 0 of client k's update. */
+typedef struct {
+    const void *const *rows;
+    int64_t num_clients;
+    int32_t dtype;               /* 0 float32, 1 bfloat16, 2 float16 */
+    const float *weights;        /* w_k: p̄_k for an aggregate, the raw p_k for a fold */
+    const float *agree_weights;  /* a_k, or NULL: the exact unweighted sign count */
+} Rows;
+
+/* The mask from a score: A = |score|·scale, m = 1 where |score| >= threshold, else A or 0. */
+typedef struct {
+    float threshold, scale;
+    int32_t hard;
+    int32_t weighted;            /* finish: the score is C / weight_sum, not the exact count C */
+} Mask;
+
+/* The server step (kind: 0 none, 1 sgd, 2 momentum, 3 adam, 4 yogi, 5 adagrad) and what it
+ * writes: params w and the states s1, s2 (NULL where the kind has none), in place. With guard,
+ * each tile's old values are saved first, into the backups bw, bs1, bs2 (or, where NULL, the
+ * tile's own buffers). With masks_step the pass hands the step the unmasked mean and m apart,
+ * and m multiplies the step's direction. */
+typedef struct {
+    int32_t kind, masks_step, guard;
+    float lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+    float *w, *s1, *s2, *bw, *bs1, *bs2;
+} Step;
+
+/* What a chunk adds up: Σ m, Σ A, the number of non-finite S_j and of columns stepped. */
+typedef struct {
+    double mask_sum, agreement_sum, nonfinite, stepped;
+} Sums;
+
+/* gma_cpu_aggregate: g = m·S (S alone with masks_step; g may be NULL: a tile buffer), A into
+ * a_out (may be NULL), the step. */
+typedef struct {
+    Rows rows;
+    Mask mask;
+    float *g, *a_out;
+    Step step;
+} AggregateArgs;
+
+/* gma_cpu_step: the step on a known x (mask, may be NULL, multiplies the direction). */
+typedef struct {
+    const float *x, *mask;
+    Step step;
+} StepArgs;
+
+/* gma_cpu_finish: the accumulator's result from its sums S = total and C = count (only read):
+ * mean = S / weight_sum and m_out = m (either may be NULL: tile buffers), and the step. */
+typedef struct {
+    const float *total, *count;
+    float weight_sum;
+    Mask mask;
+    float *mean, *m_out;
+    Step step;
+} FinishArgs;
+
+/* gma_cpu_fold: total += Σ_k w_k x_k, count += Σ_k a_k sign(x_k), in place. */
+typedef struct {
+    Rows rows;
+    float *total, *count;
+} FoldArgs;
+
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -256,7 +324,7 @@ MULTIVERSION
 static void finish_tile(const float *restrict total, float *restrict fcount,
                         const int32_t *restrict icount, int weighted, int len, float threshold,
                         float scale, int hard, float *restrict g, float *restrict a_out,
-                        float *restrict m_out, double *restrict sums) {
+                        float *restrict m_out, Sums *restrict sums) {
     const vint one_bits = (vint){0} + (int32_t)0x3f800000, abs_bits = (vint){0} + 0x7fffffff;
     const vfloat zero = {0}, max_finite = zero + 3.4028234663852886e38f;
     for (int lo = 0; lo < len; lo += SUM_RUN) {
@@ -304,9 +372,9 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
             a_run += agree_sum[l];
             b_run += bad[l];
         }
-        sums[0] += m_run;
-        sums[1] += a_run;
-        sums[2] += b_run;
+        sums->mask_sum += m_run;
+        sums->agreement_sum += a_run;
+        sums->nonfinite += b_run;
     }
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
 }
@@ -342,17 +410,13 @@ static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, in
     return 0;
 }
 
-/* The server step (kind: 1 sgd, 2 momentum, 3 adam, 4 yogi, 5 adagrad), with the float32
- * constants of formula.step_values, in its order of operations:
+/* The server step, with the float32 constants of formula.step_values, in its order of
+ * operations:
  *   sgd       d = x
  *   momentum  v = v·momentum + x,  d = v
  *   adaptive  m = m·β1 + x·(1 − β1);  v = v·β2 + x²·(1 − β2)  |  v − (1 − β2)·x²·sign(v − x²)
  *             |  v + x²;  d = m / (√v + ε)
  * then d·mask when a mask is given, and w += lr·d. */
-typedef struct {
-    int kind;
-    float lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-} Step;
 
 static inline int finite_f(float x) { return fabsf(x) <= 3.4028234663852886e38f; }
 
@@ -372,16 +436,16 @@ static void copy_uncached(float *restrict dst, const float *restrict src, size_t
     memcpy(dst, src, n * sizeof(float));
 }
 
-/* One tile of the step on x (and mask, may be NULL), in place. With guard, the old w, s1, s2
- * first go to save[0], save[1], save[2] (the backups, or the tile's own buffers) and are put
+/* One tile of the step on x (and mask, may be NULL), in place. With st->guard, the old w, s1,
+ * s2 first go to save[0], save[1], save[2] (the backups, or the tile's own buffers) and are put
  * back when a new value is not finite (returns 1 then): the tile ends as it was. One
  * branch-free loop per kind, so each vectorizes (the flag of non-finite values is an integer
  * OR, which vectorizes; a float count is a chain of dependent additions that does not). */
 MULTIVERSION
 static int step_tile(const Step *st, int len, const float *restrict x, const float *restrict mask,
-                     float *restrict w, float *restrict s1, float *restrict s2, int guard,
+                     float *restrict w, float *restrict s1, float *restrict s2,
                      float *const *save) {
-    const int kind = st->kind;
+    const int kind = st->kind, guard = st->guard;
     const float mom = st->momentum, b1 = st->beta1, c1 = st->one_minus_beta1;
     const float b2 = st->beta2, c2 = st->one_minus_beta2, eps = st->eps, lr = st->lr;
     const size_t bytes = (size_t)len * sizeof(float);
@@ -431,11 +495,6 @@ static int step_tile(const Step *st, int len, const float *restrict x, const flo
     return 1;
 }
 
-/* The step's arrays: params, its two states and their three backups (NULL where unused). */
-typedef struct {
-    float *w, *s1, *s2, *bw, *bs1, *bs2;
-} StepArrays;
-
 /* A tile's buffers, on the heap (a thread's stack may be small): 5 arrays of TILE floats. */
 enum { GTILE, MTILE, SAVE_W, SAVE_S1, SAVE_S2, BUFFERS };
 
@@ -467,35 +526,30 @@ static float *workspace(size_t floats) {
 }
 
 /* The fold reads each row in runs of FOLD_TILE columns (its sums, 3 floats a column, stay in
- * L2): the longer a run, the better the hardware prefetcher streams it (2-core Zen 4, one
- * thread, K = 64 float32 rows: 18 GB/s in runs of 8192 columns, 23 GB/s in runs of 131072).
- * The statistics and the step then take each run TILE columns at a time. */
+ * L2): the longer a run, the better the hardware prefetcher streams it. The statistics and the
+ * step then take each run TILE columns at a time. */
 #ifndef FOLD_TILE
 #define FOLD_TILE (16 * TILE)
 #endif
 
-static int step_range(const Step *st, const StepArrays *arr, int64_t start, int len,
-                      const float *x, const float *mask, int guard, float *work) {
-    float *backup[3] = {arr->bw ? arr->bw + start : work + SAVE_W * TILE,
-                        arr->bs1 ? arr->bs1 + start : work + SAVE_S1 * TILE,
-                        arr->bs2 ? arr->bs2 + start : work + SAVE_S2 * TILE};
-    return step_tile(st, len, x, mask, arr->w + start, arr->s1 ? arr->s1 + start : NULL,
-                     arr->s2 ? arr->s2 + start : NULL, guard, backup);
+static int step_range(const Step *st, int64_t start, int len, const float *x,
+                      const float *mask, float *work) {
+    float *backup[3] = {st->bw ? st->bw + start : work + SAVE_W * TILE,
+                        st->bs1 ? st->bs1 + start : work + SAVE_S1 * TILE,
+                        st->bs2 ? st->bs2 + start : work + SAVE_S2 * TILE};
+    return step_tile(st, len, x, mask, st->w + start, st->s1 ? st->s1 + start : NULL,
+                     st->s2 ? st->s2 + start : NULL, backup);
 }
 
-/* dtype: 0 = float32, 1 = bfloat16, 2 = float16. rows[k] points at element 0 of client k's update.
- * agree_w is NULL for the unweighted (exact count) agreement. g, a_out and m_out may be NULL
- * (g then lives in a tile buffer only). With split (or m_out) g receives the unmasked mean S and
- * m_out the mask, which multiplies the step's direction. With st (NULL: no step), the server step is
- * made in the same pass, tile by tile (step_tile): with guard, the pass stops at the first tile
- * whose new values are not all finite, having saved every stepped tile's old values into the
- * backups, so the caller can put them back. sums[0..3] are accumulated into: Σ m, Σ A, the
- * number of non-finite S_j, and the number of columns stepped. Returns 0, 1 when the guard
- * stopped the step, -1 for an unknown dtype, -2 out of memory. */
-int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
-                      int64_t hi, const float *mean_w, const float *agree_w, float threshold,
-                      float scale, int hard, float *g, float *a_out, float *m_out, int split,
-                      const Step *st, const StepArrays *arr, int guard, double *sums) {
+/* The pass over the clients' rows for the columns [lo, hi) (AggregateArgs): with a step
+ * (step.kind > 0) it is made in the same pass, tile by tile (step_tile): with guard, the pass
+ * stops at the first tile whose new values are not all finite, having saved every stepped
+ * tile's old values into the backups, so the caller can put them back. Returns 0, 1 when the
+ * guard stopped the step, -1 for an unknown dtype, -2 out of memory. */
+int gma_cpu_aggregate(const AggregateArgs *args, int64_t lo, int64_t hi, Sums *sums) {
+    const Rows *rows = &args->rows;
+    const Mask *mask = &args->mask;
+    const Step *st = &args->step;
     int64_t width = hi - lo < FOLD_TILE ? hi - lo : FOLD_TILE;
     float *work = workspace((size_t)TILE * BUFFERS + 3 * (size_t)width);
     if (!work) return -2;
@@ -504,62 +558,52 @@ int gma_cpu_aggregate(const void *const *rows, int dtype, int64_t num_clients, i
     int code = 0;
     for (int64_t start = lo; start < hi && code == 0; start += FOLD_TILE) {
         int len = (int)(hi - start < FOLD_TILE ? hi - start : FOLD_TILE);
-        if (fold_tile(rows, dtype, num_clients, start, len, mean_w, agree_w, 1, total, fcount,
-                      icount)) {
+        if (fold_tile(rows->rows, rows->dtype, rows->num_clients, start, len, rows->weights,
+                      rows->agree_weights, 1, total, fcount, icount)) {
             code = -1;
             break;
         }
         for (int off = 0; off < len && code == 0; off += TILE) {
             int sub = len - off < TILE ? len - off : TILE;
             int64_t at = start + off;
-            float *gout = g ? g + at : work + GTILE * TILE;
-            float *mout = m_out ? m_out + at : (split ? work + MTILE * TILE : NULL);
-            finish_tile(total + off, fcount + off, icount + off, agree_w != NULL, sub,
-                        threshold, scale, hard, gout, a_out ? a_out + at : NULL, mout, sums);
-            if (st) {
-                code = step_range(st, arr, at, sub, gout, mout, guard, work);
-                if (code == 0) sums[3] += sub;
+            float *gout = args->g ? args->g + at : work + GTILE * TILE;
+            float *mout = st->masks_step ? work + MTILE * TILE : NULL;
+            finish_tile(total + off, fcount + off, icount + off, rows->agree_weights != NULL,
+                        sub, mask->threshold, mask->scale, mask->hard, gout,
+                        args->a_out ? args->a_out + at : NULL, mout, sums);
+            if (st->kind) {
+                code = step_range(st, at, sub, gout, mout, work);
+                if (code == 0) sums->stepped += sub;
             }
         }
     }
     return code;
 }
 
-/* The server step alone on a known x (and mask, may be NULL) over the columns [lo, hi), as in
- * gma_cpu_aggregate; sums[0] counts the columns stepped. The head (rows, dtype, K, w, a) is
- * unused: it keeps the signature of the other entry points. Returns 0, or 1 when the guard
- * stopped the step. */
-int gma_cpu_step(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
-                 int64_t hi, const float *unused_w, const float *unused_a, const float *x,
-                 const float *mask, const Step *st, const StepArrays *arr, int guard,
-                 double *sums) {
-    (void)rows; (void)dtype; (void)num_clients; (void)unused_w; (void)unused_a;
+/* The server step alone on a known x over the columns [lo, hi) (StepArgs), as in
+ * gma_cpu_aggregate. Returns 0, 1 when the guard stopped the step, -2 out of memory. */
+int gma_cpu_step(const StepArgs *args, int64_t lo, int64_t hi, Sums *sums) {
     float *work = workspace((size_t)TILE * BUFFERS);
     if (!work) return -2;
     int code = 0;
     for (int64_t start = lo; start < hi && code == 0; start += TILE) {
         int len = (int)(hi - start < TILE ? hi - start : TILE);
-        code = step_range(st, arr, start, len, x + start, mask ? mask + start : NULL, guard,
-                          work);
-        if (code == 0) sums[0] += len;
+        code = step_range(&args->step, start, len, args->x + start,
+                          args->mask ? args->mask + start : NULL, work);
+        if (code == 0) sums->stepped += len;
     }
     return code;
 }
 
-/* The streaming accumulator's result over the columns [lo, hi), from its sums S and C (only
- * read): the mean S_j / weight_sum and the mask m_j made, as finish_tile makes it, from C_j
- * (weighted: C_j / weight_sum, else the exact count C_j); then g, m_out, split, st, arr and
- * guard as in gma_cpu_aggregate: g = m·mean (or mean, with m in m_out, when split or m_out is
- * given), and with st the server step in the same pass, so a step from the sums needs no
- * buffer of N values. sums[0..3] as gma_cpu_aggregate's. Returns 0, 1 when the guard stopped
- * the step, -2 out of memory. The head (rows, dtype, K, w, a) is unused: the signature of the
- * other entry points. */
-int gma_cpu_finish(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
-                   int64_t hi, const float *unused_w, const float *unused_a, const float *S,
-                   const float *C, float weight_sum, int weighted, float threshold, float scale,
-                   int hard, float *g, float *m_out, int split, const Step *st,
-                   const StepArrays *arr, int guard, double *sums) {
-    (void)rows; (void)dtype; (void)num_clients; (void)unused_w; (void)unused_a;
+/* The streaming accumulator's result over the columns [lo, hi) (FinishArgs): the mean
+ * S_j / weight_sum and the mask m_j made, as finish_tile makes it, from C_j (weighted:
+ * C_j / weight_sum, else the exact count C_j); then, with a step, the step in the same pass
+ * on m·mean (or on mean, with m on the direction, when masks_step), so a step from the sums
+ * needs no buffer of N values. Returns as gma_cpu_aggregate. */
+int gma_cpu_finish(const FinishArgs *args, int64_t lo, int64_t hi, Sums *sums) {
+    const Mask *mask = &args->mask;
+    const Step *st = &args->step;
+    const float *S = args->total, *C = args->count, weight_sum = args->weight_sum;
     float *work = workspace((size_t)TILE * BUFFERS + 2 * (size_t)TILE);
     if (!work) return -2;
     float *total = work + TILE * BUFFERS, *count = total + TILE;
@@ -567,16 +611,18 @@ int gma_cpu_finish(const void *const *rows, int dtype, int64_t num_clients, int6
     for (int64_t start = lo; start < hi && code == 0; start += TILE) {
         int len = (int)(hi - start < TILE ? hi - start : TILE);
         for (int j = 0; j < len; ++j) total[j] = S[start + j] / weight_sum;
-        if (weighted)
+        if (mask->weighted)
             for (int j = 0; j < len; ++j) count[j] = C[start + j] / weight_sum;
         else
             memcpy(count, C + start, (size_t)len * sizeof(float));
-        float *gout = g ? g + start : work + GTILE * TILE;
-        float *mout = m_out ? m_out + start : (split ? work + MTILE * TILE : NULL);
-        finish_tile(total, count, NULL, 1, len, threshold, scale, hard, gout, NULL, mout, sums);
-        if (st) {
-            code = step_range(st, arr, start, len, gout, mout, guard, work);
-            if (code == 0) sums[3] += len;
+        float *gout = args->mean ? args->mean + start : work + GTILE * TILE;
+        float *mout = args->m_out ? args->m_out + start
+                                  : (st->masks_step ? work + MTILE * TILE : NULL);
+        finish_tile(total, count, NULL, 1, len, mask->threshold, mask->scale, mask->hard, gout,
+                    NULL, mout, sums);
+        if (st->kind) {
+            code = step_range(st, start, len, gout, mout, work);
+            if (code == 0) sums->stepped += len;
         }
     }
     return code;
@@ -585,7 +631,7 @@ int gma_cpu_finish(const void *const *rows, int dtype, int64_t num_clients, int6
 /* The number of non-finite values of each client's row over the columns [lo, hi), added into
  * counts[0..K-1] (float64): a value is a NaN or an infinity exactly when its exponent bits are
  * all ones, a test on the raw bits that needs no conversion (one vectorized integer loop per
- * dtype). The weights are unused (the signature of the other entry points). */
+ * dtype). */
 #define COUNT_ALL_ONES(TYPE, EXPONENT)                                                             \
     for (int64_t j = lo; j < hi; ++j) bad += (((const TYPE *)row)[j] & (EXPONENT)) == (EXPONENT)
 
@@ -601,19 +647,19 @@ static int64_t nonfinite_in(const void *row, int dtype, int64_t lo, int64_t hi) 
     return bad;
 }
 
-int gma_cpu_nonfinite(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
-                      int64_t hi, const float *unused_w, const float *unused_a, double *counts) {
-    (void)unused_w; (void)unused_a;
-    if (dtype < 0 || dtype > 2) return -1;
-    for (int64_t k = 0; k < num_clients; ++k)
-        counts[k] += (double)nonfinite_in(rows[k], dtype, lo, hi);
+int gma_cpu_nonfinite(const Rows *rows, int64_t lo, int64_t hi, double *counts) {
+    if (rows->dtype < 0 || rows->dtype > 2) return -1;
+    for (int64_t k = 0; k < rows->num_clients; ++k)
+        counts[k] += (double)nonfinite_in(rows->rows[k], rows->dtype, lo, hi);
     return 0;
 }
 
-/* The streaming fold: S_j += Σ_k w_k x_kj (clients in order), C_j += Σ_k a_k sign(x_kj) (a_k = 1
- * when agree_w is NULL), for the columns [lo, hi), in place in the float32 arrays S and C. */
-int gma_cpu_fold(const void *const *rows, int dtype, int64_t num_clients, int64_t lo,
-                 int64_t hi, const float *w, const float *agree_w, float *S, float *C) {
+/* The streaming fold (FoldArgs): total_j += Σ_k w_k x_kj (clients in order), count_j +=
+ * Σ_k a_k sign(x_kj) (a_k = 1 when agree_weights is NULL), for the columns [lo, hi), in place
+ * in the float32 arrays. */
+int gma_cpu_fold(const FoldArgs *args, int64_t lo, int64_t hi) {
+    const Rows *rows = &args->rows;
+    float *S = args->total, *C = args->count;
     int64_t width = hi - lo < FOLD_TILE ? hi - lo : FOLD_TILE;
     float *fcount = workspace(2 * (size_t)width);
     if (!fcount) return -2;
@@ -623,8 +669,8 @@ int gma_cpu_fold(const void *const *rows, int dtype, int64_t num_clients, int64_
         int len = (int)(hi - start < FOLD_TILE ? hi - start : FOLD_TILE);
         memcpy(fcount, C + start, (size_t)len * sizeof(float));
         memset(icount, 0, sizeof(int32_t) * len);
-        if (fold_tile(rows, dtype, num_clients, start, len, w, agree_w, 0, S + start, fcount,
-                      icount)) {
+        if (fold_tile(rows->rows, rows->dtype, rows->num_clients, start, len, rows->weights,
+                      rows->agree_weights, 0, S + start, fcount, icount)) {
             code = -1;
             break;
         }
@@ -632,3 +678,10 @@ int gma_cpu_fold(const void *const *rows, int dtype, int64_t num_clients, int64_
     }
     return code;
 }
+
+/* The sizes of the argument structures, in the order of native.py's mirrors: the package calls
+ * the library only where each equals its mirror's (not a library built from another version of
+ * this file). */
+const int64_t gma_cpu_layout[] = {sizeof(Rows),          sizeof(Mask),     sizeof(Step),
+                                  sizeof(Sums),          sizeof(AggregateArgs),
+                                  sizeof(StepArgs),      sizeof(FinishArgs), sizeof(FoldArgs)};

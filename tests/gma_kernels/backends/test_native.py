@@ -1,8 +1,8 @@
-"""The torch backend's two CPU paths for phase 1 — the native C kernel (``_native``) and the
-PyTorch chunks — each against the float64 reference, and against each other (identical
-unweighted masks), on CPU tensors whatever the machine. Without a GPU the rest of the suite
-runs ``backend="torch"`` through the native kernel whenever it is built; here the chunk path is
-forced as well."""
+"""The native C backend (``backends/native.py``, ``csrc/gma_cpu.c``) on CPU tensors: bit for bit
+against the PyTorch-ops path where it promises to be, the float32 accuracy of its statistics,
+every float16 bit pattern, the per-row non-finite screen, its thread pool across a fork, the
+guard's undo on every thread, 64-bit row addressing, a chunk out of memory and the streaming
+result. The tests of ``backend="torch"`` on both CPU paths are in ``test_torch_ops.py``."""
 from __future__ import annotations
 
 import os
@@ -17,56 +17,12 @@ import torch
 import gma_kernels as gk
 from gma_kernels.backends import native as _native
 from gma_kernels.batch import make_batch
+from gma_kernels.config import MaskConfig
+from gma_kernels.formula import MaskParams, StreamSums, streaming_result
+from gma_kernels.job import Job
 
 import reference as ref
-from gk_util import PARAM_DTYPES, assert_close, data_scale, make
-
-needs_native = pytest.mark.skipif(not _native.available(),
-                                  reason="native CPU kernel not built (no C compiler at install)")
-PATHS = [pytest.param("native", marks=needs_native), "chunks"]
-
-
-@pytest.fixture
-def path(request, monkeypatch):
-    """Force phase 1 onto one CPU path."""
-    if request.param == "chunks":
-        monkeypatch.setattr(_native, "ENABLED", False)
-    return request.param
-
-
-@pytest.fixture
-def many_threads(monkeypatch):
-    """Split even small N over several threads, so thread boundaries fall mid-tile."""
-    monkeypatch.setattr(_native, "MIN_COLUMNS_PER_THREAD", 64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("path", PATHS, indirect=True)
-@PARAM_DTYPES
-@pytest.mark.parametrize("kind", ["matrix", "list", "rowslice"])
-@pytest.mark.parametrize("k,n", [(1, 2), (3, 513), (4, 1000), (9, 4099), (19, 70001)])
-@pytest.mark.parametrize("mask,weighted", [("soft", False), ("hard", False), ("soft", True)])
-def test_masked_mean_and_agreement(path, dtype, kind, k, n, mask, weighted, many_threads):
-    if k == 1 and kind == "rowslice":
-        kind = "list"  # one row of a wider tensor is contiguous: nothing to slice
-    updates, exact, w = make(k * 1000 + n, k, n, dtype, kind, device="cpu")
-    g, stats = gk.masked_mean(updates, w, tau=0.5, mask=mask, weighted_agreement=weighted,
-                              backend="torch", return_stats=True)
-    expected = ref.masked_mean(exact, w, tau=0.5, mask=mask, weighted_agreement=weighted)
-    near = torch.zeros(n, dtype=torch.bool)
-    if weighted:  # a weighted score within rounding of τ may fall either side
-        near = (ref.agreement(exact, w, weighted=True) - 0.5).abs() < 1e-5
-    g, expected = g[~near], expected[~near]
-    assert_close(g, expected, scale=data_scale(exact))
-    a = gk.agreement(updates, w, weighted=weighted, backend="torch")
-    assert_close(a, ref.agreement(exact, w, weighted=weighted), scale=1.0)
-    dens = ref.density(exact, w, tau=0.5, mask=mask, weighted=weighted)
-    assert float(stats.density) == pytest.approx(dens, abs=1e-6 + float(near.sum()) / n)
-    assert float(stats.mean_agreement) == pytest.approx(
-        ref.mean_agreement(exact, w, weighted=weighted), abs=1e-5)
+from gk_util import PARAM_DTYPES, assert_close, data_scale, make, needs_native
 
 
 @needs_native
@@ -105,32 +61,17 @@ def test_native_server_step(placement, many_threads):
 
 @needs_native
 def test_native_overwrites_poisoned_outputs(many_threads):
+    """``native.run`` writes every element of ``g`` and ``A`` (poisoned with NaN before)."""
     updates, exact, w = make(11, 5, 777, torch.bfloat16, "matrix", device="cpu")
     batch = make_batch(updates, w)
     g = torch.full((777,), float("nan"))
     a = torch.full((777,), float("nan"))
-    m = torch.full((777,), float("nan"))
-    sums = _native.aggregate(batch, None, 3.0, float(np.float32(1 / 5)), False, g, a, m)
-    assert torch.isfinite(g).all() and torch.isfinite(a).all() and torch.isfinite(m).all()
-    assert_close(g, ref.average(exact, w), scale=data_scale(exact))
+    outcome = _native.run(Job(batch, MaskConfig(tau=0.6), g_out=g, a_out=a))
+    assert outcome.finite and torch.isfinite(g).all() and torch.isfinite(a).all()
+    assert_close(g, ref.masked_mean(exact, w, tau=0.6), scale=data_scale(exact))
+    assert_close(a, ref.agreement(exact, w), scale=1.0)
     expected_m = ref.mask(exact, w, tau=0.6)
-    assert_close(m, expected_m, scale=1.0)
-    assert sums[0] == pytest.approx(float(expected_m.sum()), rel=1e-6)
-    assert sums[2] == 0
-
-
-@pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_far_column_raises_with_params_untouched(path, bad, many_threads):
-    updates, _, w = make(3, 4, 5000, torch.float32, "list", device="cpu")
-    updates[2][4990] = bad  # in the last thread's range
-    params = torch.randn(5000)
-    before = params.clone()
-    with pytest.raises(ValueError, match=r"updates\[2\]"):
-        gk.gma_step(params, updates, w, backend="torch")
-    assert torch.equal(params, before)
-    gk.gma_step(params, updates, w, backend="torch", nonfinite="drop")
-    assert torch.isfinite(params).all() and not torch.equal(params, before)
+    assert float(outcome.mask_sum) == pytest.approx(float(expected_m.sum()), rel=1e-6)
 
 
 @needs_native
@@ -152,14 +93,14 @@ def test_statistics_keep_float32_accuracy_over_many_columns(k):
 def test_every_float16_bit_pattern_loads_exactly(rows, flush_denormal):
     """All 65536 halves (subnormals, ±0, infinities, NaNs) through the kernel as ``rows``
     equal clients (1: the one-row loop; 4: the four-row loop; the mean of four equal halves
-    is exact), τ = 0: g is each value as float32, and the non-finite ones are counted; also
+    is exact), τ = 0: g is each value as float32, and the guard sees the non-finite ones; also
     with the CPU in denormals-are-zero mode, which must not flush subnormal halves."""
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     batch = make_batch(x[None].expand(rows, -1).contiguous(), None)
     g = torch.full((x.numel(),), 123.0)
     torch.set_flush_denormal(flush_denormal)
     try:
-        sums = _native.aggregate(batch, None, 0.0, 1.0, False, g, None, None)
+        outcome = _native.run(Job(batch, MaskConfig(tau=0.0), g_out=g))
     finally:
         torch.set_flush_denormal(False)
     expected = x.float()
@@ -167,7 +108,7 @@ def test_every_float16_bit_pattern_loads_exactly(rows, flush_denormal):
     assert torch.equal(g[finite], expected[finite])
     assert torch.equal(torch.isnan(g), torch.isnan(expected))
     assert torch.equal(torch.isinf(g) & (g > 0), torch.isinf(expected) & (expected > 0))
-    assert sums[2] == int((~finite).sum())
+    assert not outcome.finite
 
 
 @needs_native
@@ -184,30 +125,11 @@ def test_nonfinite_count_per_row_matches_isfinite(dtype):
         rows = torch.stack([every[:65531], every[torch.randperm(65536, generator=g)][:65531]])
     rows = torch.cat([rows, torch.randn(1, rows.shape[1]).to(dtype)])  # a finite row too
     _, _, partial = _native._over_columns(_native._library().gma_cpu_nonfinite,
-                                          make_batch(rows, None), rows.shape[1], (), None,
-                                          sums=rows.shape[0], parallel=False)
+                                          _native._rows(make_batch(rows, None), None),
+                                          rows.shape[1], out=_native._counts(rows.shape[0]),
+                                          parallel=False)
     want = [float((~torch.isfinite(r.float())).sum()) for r in rows]
     assert partial.sum(0).tolist() == want and want[-1] == 0 and min(want[:-1]) > 0
-
-
-@pytest.mark.parametrize("path", PATHS, indirect=True)
-@PARAM_DTYPES
-@pytest.mark.parametrize("weighted", [False, True])
-def test_streaming_fold(path, dtype, weighted, many_threads):
-    """Folding a stream in three uneven parts gives the batch reference's sums."""
-    updates, exact, w = make(21, 9, 3001, dtype, "list", device="cpu")
-    acc = gk.Accumulator(3001, weighted_agreement=weighted, backend="torch")
-    acc.add(updates[0], w[0])
-    acc.add(updates[1:5], w[1:5])
-    acc.add(updates[5:], w[5:])
-    p = torch.tensor(w, dtype=torch.float64)
-    assert_close(acc.total, p @ exact, scale=data_scale(exact) * float(p.sum()))
-    signs = torch.sign(exact)
-    expected_count = p @ signs if weighted else signs.sum(0)
-    assert_close(acc.count, expected_count, scale=float(p.sum()) if weighted else 1.0)
-    if not weighted:  # an exact integer count
-        assert torch.equal(acc.count.double(), expected_count)
-    assert acc.num_clients == 9 and acc.weight_sum == pytest.approx(float(p.sum()))
 
 
 @needs_native
@@ -215,9 +137,10 @@ def test_a_forked_child_aggregates(many_threads):
     """The parent's thread pool does not survive a fork (its threads stay behind): the child
     must make its own instead of waiting forever on the inherited one."""
     updates, _, w = make(4, 5, 300_000, torch.float32, "matrix", device="cpu")
-    batch = make_batch(updates, w)
-    g = torch.empty(300_000)
-    _native.aggregate(batch, None, 3.0, 0.2, False, g, None, None)
+    job = Job(make_batch(updates, w), MaskConfig(tau=0.6), g_out=torch.empty(300_000),
+              guard=False)
+    g = job.g_out
+    _native.run(job)
     # every worker of the parent's pool started and idle: a child that inherited the pool
     # would queue its work for threads that do not exist in it
     barrier = threading.Barrier(3)
@@ -228,7 +151,7 @@ def test_a_forked_child_aggregates(many_threads):
         code = 1
         try:
             g.numpy()[:] = np.nan  # poisoned (NumPy, not a torch op)
-            _native.aggregate(batch, None, 3.0, 0.2, False, g, None, None)
+            _native.run(job)
             os.write(write_end, repr(float(g.numpy().astype(np.float64).sum())).encode())
             code = 0
         finally:
@@ -390,7 +313,7 @@ class _FailingLibrary:
         real = getattr(self.real, name)
 
         def call(*args):
-            if args[3] == self.lo and self.left > 0:
+            if args[1] == self.lo and self.left > 0:  # (args, lo, hi, sums)
                 self.left -= 1
                 return _native.OUT_OF_MEMORY
             return real(*args)
@@ -434,7 +357,6 @@ def test_native_streaming_result_equals_the_formula(n, weighted, hard, many_thre
     on fresh sums of awkward sizes: the same mean and mask (bit for bit unweighted; the
     weighted score within float32 rounding of τ may fall either side), statistics to float32
     rounding, the sums left as they were, and a non-finite mean reported."""
-    from gma_kernels.formula import streaming_result
     gen = torch.Generator().manual_seed(n + 2 * weighted + hard)
     k, weight_sum = 7, 3.7
     total = torch.randn(n, generator=gen)
@@ -442,11 +364,11 @@ def test_native_streaming_result_equals_the_formula(n, weighted, hard, many_thre
     if weighted:
         count = count * 0.53
     threshold, scale = (3.0, 1 / k) if not weighted else (0.4, 1.0)
+    mask = MaskParams(threshold, scale, hard, weighted)
     before = total.clone(), count.clone()
-    mean, m, sums, finite = _native.finish(total, count, weight_sum, threshold, scale, hard,
-                                           weighted)
-    e_mean, e_m, e_sums, e_finite = streaming_result(total, count, weight_sum, threshold, scale,
-                                                     hard, weighted)
+    mean, m, sums, finite = _native.finish(StreamSums(total, count, weight_sum), mask=mask)
+    e_mean, e_m, e_sums, e_finite = streaming_result(StreamSums(total, count, weight_sum),
+                                                     mask=mask)
     assert torch.equal(total, before[0]) and torch.equal(count, before[1])
     assert torch.equal(mean, e_mean) and finite and e_finite
     near = ((count.abs() / (weight_sum if weighted else 1.0)) - threshold).abs() < 1e-5
@@ -454,4 +376,19 @@ def test_native_streaming_result_equals_the_formula(n, weighted, hard, many_thre
     assert 0 < int((m == 1).sum()) < n or n == 1  # both sides of the threshold are tested
     torch.testing.assert_close(sums, e_sums, rtol=1e-5, atol=1e-3)
     total[n // 2] = float("inf")
-    assert not _native.finish(total, count, weight_sum, threshold, scale, hard, weighted)[3]
+    assert not _native.finish(StreamSums(total, count, weight_sum), mask=mask)[3]
+
+
+@needs_native
+def test_a_library_built_from_another_layout_is_not_called(monkeypatch):
+    """A library whose argument structures differ in size from the ctypes mirrors (one built
+    from another version of gma_cpu.c) is refused with a warning: the PyTorch path runs."""
+    monkeypatch.setattr(_native, "_LAYOUT", (_native._Mask,) * len(_native._LAYOUT))
+    _native._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="another version of csrc/gma_cpu.c"):
+            assert _native._library() is None and not _native.available()
+    finally:
+        monkeypatch.undo()
+        _native._library.cache_clear()
+    assert _native.available()
