@@ -2,11 +2,6 @@
 nothing was written (params poisoned beforehand and compared bit for bit)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -292,32 +287,6 @@ def test_accumulator_merge_mismatch():
         acc.merge(gk.Accumulator(N + 1))
     with pytest.raises(ValueError, match="weighted_agreement"):
         acc.merge(gk.Accumulator(N, weighted_agreement=True))
-
-
-def test_tau_from_agreeing_fraction_bounds():
-    for bad in (0.4, 1.2, float("nan")):
-        with pytest.raises(ValueError, match="fraction"):
-            gk.tau_from_agreeing_fraction(bad)
-
-
-# -- triton without a GPU or the interpreter ---------------------------------------------------
-
-def test_triton_on_cpu_without_interpreter_is_refused():
-    code = textwrap.dedent("""
-        import torch, gma_kernels as gk
-        try:
-            gk.masked_mean(torch.ones(2, 4), backend="triton")
-        except ValueError as err:
-            assert "backend='triton'" in str(err) and "TRITON_INTERPRET" in str(err), err
-            print("REFUSED")
-        # auto falls back to torch on CPU
-        assert torch.equal(gk.masked_mean(torch.ones(2, 4)), torch.ones(4))
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "REFUSED" in out.stdout
 
 
 # ---------------------------------------------------------------- numbers that are not Python's
