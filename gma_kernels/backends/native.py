@@ -66,7 +66,8 @@ class _Rows(ctypes.Structure):
 
 
 class _Mask(ctypes.Structure):
-    """``MaskParams`` as C reads it."""
+    """``MaskParams`` as C reads it (the same fields in the same order: a ``MaskParams`` is
+    passed where a ``_Mask`` is expected)."""
     _fields_ = [("threshold", _f32), ("scale", _f32), ("hard", _i32), ("weighted", _i32)]
 
 
@@ -181,10 +182,6 @@ def _rows(batch: ClientBatch, weights: tuple[float, ...] | None,
     return rows
 
 
-def _mask(mask: MaskParams) -> _Mask:
-    return _Mask(mask.threshold, mask.scale, mask.hard, mask.weighted)
-
-
 def _chunks(n: int, parallel: bool) -> tuple[list[int], int]:
     """(chunk bounds over ``n`` columns, threads to work on them): one chunk and one thread
     unless ``parallel`` and ``n`` is large."""
@@ -266,8 +263,8 @@ def run(job: Job) -> Outcome:
     agree_w = batch.mean_weights if job.mask.weighted_agreement else None
     step, targets, backups = _step(job.step, job.params, job.states, job.guard)
     rows = _rows(batch, batch.mean_weights, agree_w)
-    args = _AggregateArgs(rows, _mask(job.mask_params), _address(job.g_out),
-                          _address(job.a_out), step)
+    args = _AggregateArgs(rows, job.mask_params, _address(job.g_out), _address(job.a_out),
+                          step)
     args.keep = rows.keep
     with _undone_on_failure(targets, backups):
         bounds, codes, partial = _over_columns(_library().gma_cpu_aggregate, args, batch.numel)
@@ -384,7 +381,7 @@ def finish(sums: StreamSums, *, mask: MaskParams) -> tuple[Tensor, Tensor, Tenso
     ``[[Σ m, Σ A]]``, whether the mean is finite); the sums are only read."""
     mean, m = torch.empty_like(sums.total), torch.empty_like(sums.total)
     args = _FinishArgs(sums.total.data_ptr(), sums.count.data_ptr(), sums.weight_sum,
-                       _mask(mask), mean.data_ptr(), m.data_ptr(), _Step())
+                       mask, mean.data_ptr(), m.data_ptr())
     _, _, partial = _over_columns(_library().gma_cpu_finish, args, sums.total.numel())
     stats, bad = _statistics(partial)
     return mean, m, stats, bad == 0
@@ -397,7 +394,7 @@ def step_from_sums(sums: StreamSums, *, mask: MaskParams, config: StepConfig, pa
     the mean is finite, whether it stepped). Unless both, params and state are as they were."""
     stepping, targets, backups = _step(config, params, states, True)
     args = _FinishArgs(sums.total.data_ptr(), sums.count.data_ptr(), sums.weight_sum,
-                       _mask(mask), None, None, stepping)
+                       mask, None, None, stepping)
     with _undone_on_failure(targets, backups):
         bounds, codes, partial = _over_columns(_library().gma_cpu_finish, args,
                                                sums.total.numel())

@@ -392,3 +392,10 @@ def test_a_library_built_from_another_layout_is_not_called(monkeypatch):
         monkeypatch.undo()
         _native._library.cache_clear()
     assert _native.available()
+
+
+def test_mask_params_are_passed_as_the_c_mask():
+    """A ``MaskParams`` fills a ``_Mask`` field by position: the two name the same fields in
+    the same order."""
+    assert [name for name, _ in _native._Mask._fields_] == list(MaskParams._fields)
+
