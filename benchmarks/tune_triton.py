@@ -123,7 +123,7 @@ def main(out_path: str) -> None:
                 print(json.dumps(row), flush=True)
                 del U
                 torch.cuda.empty_cache()
-    compiled = _triton._gma_kernel.device_caches[0][0].values()
+    compiled = _triton._aggregate_kernel.device_caches[0][0].values()
     results["ptx_loads_v4_vs_scalar"] = [
         (k.asm["ptx"].count("ld.global.v4") + k.asm["ptx"].count("ld.global.nc.v4"),
          k.asm["ptx"].count("ld.global.b32") + k.asm["ptx"].count("ld.global.nc.b32"))
