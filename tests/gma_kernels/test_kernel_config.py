@@ -1,5 +1,6 @@
 """The public types (``config.py``): ``tau_from_agreeing_fraction``, the numbers the checks
-accept, ``StepConfig``'s bias correction and mask placement, and ``GMAStats``."""
+accept, ``StepConfig``'s bias correction and mask placement, and ``GMAStats``. (Named apart
+from ``tests/fedsim/test_config.py``: test file names must be unique across the test trees.)"""
 from __future__ import annotations
 
 import math
