@@ -140,8 +140,12 @@ def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path, tiny, cli, flags):
     out = tmp_path / "runs"
     settings = {**tiny, "rounds": 400, "checkpoint_every": 1, "out_dir": str(out)}
     command, env = cli("fedsim.run", "--quiet", *flags(settings))
+    # SIGINT back to its default in the child: a shell that starts a job in the background
+    # (``cmd &``, as CI may run pytest) ignores SIGINT in it, and Python then installs no
+    # KeyboardInterrupt handler, so the run would go on to the end
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not list(out.glob(f"*/{CHECKPOINT_FILE}")):
         assert proc.poll() is None, proc.stderr.read()
