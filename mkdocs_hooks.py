@@ -29,10 +29,11 @@ URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:|^#|^/")
 _site_uri: dict[Path, str] = {}
 
 
-def _links(text: str):
-    """The relative link targets of a Markdown text, outside code."""
+def _prose_lines(text: str, keepends: bool = False):
+    """``(line, is_prose)`` for each line of a Markdown text: False for fenced code blocks and
+    their fences."""
     in_fence = None
-    for line in text.splitlines():
+    for line in text.splitlines(keepends=keepends):
         fence = FENCE.match(line)
         if fence:
             ticks = fence.group(1)
@@ -40,12 +41,18 @@ def _links(text: str):
                 in_fence = ticks
             elif ticks[0] == in_fence[0] and len(ticks) >= len(in_fence):
                 in_fence = None
-            continue
-        if in_fence is not None:
-            continue
-        for match in LINK.finditer(line):
-            if match["target"] and not URL.match(match["target"]):
-                yield match["target"]
+            yield line, False
+        else:
+            yield line, in_fence is None
+
+
+def _links(text: str):
+    """The relative link targets of a Markdown text, outside code."""
+    for line, prose in _prose_lines(text):
+        if prose:
+            for match in LINK.finditer(line):
+                if match["target"] and not URL.match(match["target"]):
+                    yield match["target"]
 
 
 def _resolve(page: Path, target: str) -> Path:
@@ -124,22 +131,12 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
         rel = posixpath.relpath(uri, here or ".")
         return rel + (f"#{anchor}" if anchor else "")
 
-    out, in_fence = [], None
-    for line in markdown.splitlines(keepends=True):
-        fence = FENCE.match(line)
-        if fence:
-            ticks = fence.group(1)
-            if in_fence is None:
-                in_fence = ticks
-            elif ticks[0] == in_fence[0] and len(ticks) >= len(in_fence):
-                in_fence = None
-        elif in_fence is None:
-            def rewrite(match: re.Match) -> str:
-                target = match["target"]
-                if not target or URL.match(target):
-                    return match[0]
-                new = site_target(target)
-                return match[0] if new is None else match["head"] + new
-            line = LINK.sub(rewrite, line)
-        out.append(line)
-    return "".join(out)
+    def rewrite(match: re.Match) -> str:
+        target = match["target"]
+        if not target or URL.match(target):
+            return match[0]
+        new = site_target(target)
+        return match[0] if new is None else match["head"] + new
+
+    return "".join(LINK.sub(rewrite, line) if prose else line
+                   for line, prose in _prose_lines(markdown, keepends=True))
