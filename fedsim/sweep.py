@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -184,12 +185,22 @@ def _run_cells(sweep_dir: Path, cells: list[Cell], progress: bool,
             _run_cell(run_dir, config, resume, progress)
         return
     with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-        running = {pool.submit(_run_cell, run_dir, config, resume, False): label
+        running = {pool.submit(_run_cell_in_worker, run_dir, config, resume): label
                    for label, run_dir, config, resume in todo}
         log(f"{len(todo)} cells, {min(jobs, len(todo))} at a time")
         for future in as_completed(running):
             seconds = future.result()
             log(f"{running[future]}: finished in {seconds:.0f} s")
+
+
+def _run_cell_in_worker(run_dir: Path, config: Config, resume: bool) -> float:
+    """``_run_cell`` in a pool's process, which Ctrl-C ends at once: the pool would otherwise
+    take the interrupt as this cell's result and start the next cell (the cell resumes from
+    its checkpoint)."""
+    try:
+        return _run_cell(run_dir, config, resume, progress=False)
+    except KeyboardInterrupt:
+        os._exit(130)
 
 
 def _run_cell(run_dir: Path, config: Config, resume: bool, progress: bool) -> float:

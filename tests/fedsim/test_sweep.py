@@ -1,6 +1,7 @@
 """Sweeps: the cells a grid makes, a sweep end to end (controls, resume, cells in parallel
 processes), and refusals. (The report a sweep ends with, selection included:
 ``test_analysis.py``.)"""
+import os
 import shutil
 
 import pytest
@@ -99,6 +100,38 @@ def test_cells_run_in_parallel_processes_give_the_same_rows(tmp_path, tiny, flag
     assert logs["2"].count("2 cells, 2 at a time") == 2  # the cells, then their controls
     assert "at a time" not in logs["1"]
     assert rows["1"] == rows["2"]
+
+
+def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_other_cell(tmp_path, tiny, cli, flags):
+    import contextlib
+    import signal
+    import subprocess
+    import time
+
+    settings = {**tiny, "rounds": 100_000, "checkpoint_every": 1, "algorithms": ("fedavg",),
+                "out_dir": str(tmp_path)}
+    command, env = cli("fedsim.sweep", "--quiet", "--jobs", "2",
+                       "--grid", "server_lr=0.5,1,2,4", *flags(settings))
+    # its own process group, with SIGINT's default (why: test_resume's Ctrl-C test)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    try:
+        while len(list(tmp_path.glob("*/cells/*/checkpoint.pt"))) < 2:  # both workers training
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no two checkpoints within 120 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the sweep and its workers, one group
+        err = proc.communicate(timeout=60)[1]
+    finally:  # whatever failed, no process of the sweep is left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "interrupted: continue with python -m fedsim.sweep --resume" in err
+    # the two cells that were running are resumable; the other two never started
+    (sweep_dir,) = tmp_path.iterdir()
+    assert len(list((sweep_dir / "cells").iterdir())) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
