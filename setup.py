@@ -4,8 +4,8 @@ hand the build is skipped and gma_kernels uses its pure-PyTorch CPU path instead
 baseline) rounds the same way and results do not depend on the machine. ``-fno-math-errno``:
 ``sqrtf`` need not set errno, so the optimizer step's loops vectorize (the values are the
 same). ``-fno-wrapv``: undoes the ``-fwrapv`` of Python's own CFLAGS, under which signed loop
-counters may wrap and many of the kernel's loops were not vectorized as well (about 1.4x slower
-at small K; the code never relies on signed overflow)."""
+counters may wrap and many of the kernel's loops were not vectorized as well (measured in
+docs/performance.md; the code never relies on signed overflow)."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("gma_kernels.backends._gma_cpu",

@@ -1,7 +1,7 @@
 """Where a synchronized ``gma_step(backend="triton")`` call's host time goes, piece by piece, on
 a case so small (N = 4096) that the GPU's own work is nil: the front's checks (configs, batch,
-params, job), the row table, Triton's launch of the kernel, the guard's sync, and the whole
-call with and without the guard. The pieces are the library's own internals, called as the call
+params, job), the row table, the backend's pass (row table and launch, with the guard's sync
+or without the guard), and the whole call with and without the guard. The pieces are the library's own internals, called as the call
 calls them; each is the best of 5 repeats of 300 calls, in µs. It tells which part a leaner
 path must cut (the per-call target at N = 2^24 leaves a few tens of µs for all of it).
 
@@ -21,7 +21,6 @@ import gma_kernels as gk
 from gma_kernels import MaskConfig, StepConfig
 from gma_kernels.backends import triton_kernel as _triton
 from gma_kernels.batch import check_params, make_batch
-from gma_kernels.formula import mask_threshold
 from gma_kernels.job import Job
 
 
@@ -54,21 +53,15 @@ def breakdown(device: torch.device, k: int, calls: int) -> dict[str, float]:
 
     job = front()
     agree = (1.0,) * k
-    base, offsets, table_weights, vec, flag = _triton._row_table(job.batch, job.batch.mean_weights,
-                                                                 agree)
-    threshold, scale = mask_threshold(job.mask, k)
+    flag = _triton._row_table(job.batch, job.batch.mean_weights, agree)[-1]
     unguarded = Job(job.batch, job.mask, job.step, params, guard=False)
-    source = (base, offsets, table_weights)
     return {
         "front (configs, batch, params, job)": best_us(front, calls, sync),
         "row table (cached)": best_us(
             lambda: _triton._row_table(job.batch, job.batch.mean_weights, agree), calls, sync),
-        "launch, no guard (async)": best_us(
-            lambda: _triton._launch(unguarded, source, k, threshold, scale, flag, vec=vec),
-            calls, sync),
-        "launch with guard (its sync included)": best_us(
-            lambda: _triton._launch(job, source, k, threshold, scale, flag, vec=vec), calls,
-            sync),
+        "backend pass, no guard (async)": best_us(lambda: _triton.run(unguarded), calls, sync),
+        "backend pass with guard (its sync included)": best_us(lambda: _triton.run(job), calls,
+                                                               sync),
         "flag.item() alone (a sync)": best_us(lambda: flag.item(), calls, sync),
         "gma_step, unchecked": best_us(
             lambda: gk.gma_step(params, updates, weights, backend="triton",

@@ -59,10 +59,12 @@ _p, _f32, _i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int32
 
 
 class _Rows(ctypes.Structure):
-    """The clients' rows (pointers to element 0), their dtype code, the weights ``w_k`` and
-    the agreement weights ``a_k`` (None: the exact unweighted count)."""
-    _fields_ = [("rows", _p), ("num_clients", ctypes.c_int64), ("dtype", _i32),
-                ("weights", _p), ("agree_weights", _p)]
+    """The clients' rows: pointers to element 0 or, with ``rows`` None, a matrix's first row
+    ``base`` and its row stride in bytes; their dtype code, the weights ``w_k`` and the
+    agreement weights ``a_k`` (None: the exact unweighted count)."""
+    _fields_ = [("rows", _p), ("base", _p), ("row_stride", ctypes.c_int64),
+                ("num_clients", ctypes.c_int64), ("dtype", _i32), ("weights", _p),
+                ("agree_weights", _p)]
 
 
 class _Mask(ctypes.Structure):
@@ -159,8 +161,16 @@ def _array_address(array: np.ndarray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(array))
 
 
-def _floats(values: tuple[float, ...] | None) -> np.ndarray | None:
-    return None if not values else np.array(values, dtype=np.float32)
+@functools.lru_cache(maxsize=8)
+def _floats(values: tuple[float, ...] | None) -> tuple[np.ndarray | None, int | None]:
+    """(``values`` as float32, where they start), kept for the next call with the same
+    weights (the array is read-only)."""
+    if not values:
+        return None, None
+    array = np.array(values, dtype=np.float32)
+    address = _array_address(array)
+    array.flags.writeable = False
+    return array, address
 
 
 def _rows(batch: ClientBatch, weights: tuple[float, ...] | None,
@@ -168,16 +178,16 @@ def _rows(batch: ClientBatch, weights: tuple[float, ...] | None,
     """The batch's rows with ``weights`` and ``agree_weights``. The arrays it points at live
     as long as it does (``keep``); a structure that holds a copy of it must hold its ``keep``
     too."""
+    (w, w_address), (a, a_address) = _floats(weights), _floats(agree_weights)
+    rows = _Rows(None, None, 0, batch.num_clients, DTYPE_CODES[batch.dtype], w_address,
+                 a_address)
     if batch.matrix is not None:
-        stride = batch.matrix.stride(0) * batch.dtype.itemsize
-        pointers = batch.matrix.data_ptr() + stride * np.arange(batch.num_clients,
-                                                                dtype=np.uint64)
+        rows.base = batch.matrix.data_ptr()
+        rows.row_stride = batch.matrix.stride(0) * batch.dtype.itemsize
+        pointers = None
     else:
         pointers = np.array([row.data_ptr() for row in batch.rows], dtype=np.uint64)
-    w, a = _floats(weights), _floats(agree_weights)
-    rows = _Rows(_array_address(pointers), batch.num_clients, DTYPE_CODES[batch.dtype],
-                 None if w is None else _array_address(w),
-                 None if a is None else _array_address(a))
+        rows.rows = _array_address(pointers)
     rows.keep = (pointers, w, a)
     return rows
 
@@ -211,10 +221,10 @@ def _over_columns(fn: Callable[..., int], args: ctypes.Structure, numel: int, *,
         record = () if out is None else (start + i * size,)
         return fn(pointer, bounds[i], bounds[i + 1], *record)
 
-    codes = [0] * chunks
     if chunks == 1:
-        codes[0] = call(0)
+        codes = [call(0)]
     else:
+        codes = [0] * chunks
         taken = iter(range(chunks))
         lock = threading.Lock()
         done = threading.Semaphore(0)
@@ -236,11 +246,12 @@ def _over_columns(fn: Callable[..., int], args: ctypes.Structure, numel: int, *,
         drain()
         for _ in range(chunks):
             done.acquire()
-    for i in [i for i, c in enumerate(codes) if c == OUT_OF_MEMORY]:
-        partial[i] = 0  # that chunk wrote nothing: the calling thread takes it again
-        codes[i] = call(i)
-    if any(c < 0 for c in codes):
-        raise KernelFailure(codes, bounds, partial)
+    if min(codes) < 0:
+        for i in [i for i, c in enumerate(codes) if c == OUT_OF_MEMORY]:
+            partial[i] = 0  # that chunk wrote nothing: the calling thread takes it again
+            codes[i] = call(i)
+        if min(codes) < 0:
+            raise KernelFailure(codes, bounds, partial)
     return bounds, codes, partial
 
 

@@ -32,9 +32,12 @@
  * gma_kernels/backends/native.py: each entry point takes one of them, the column range [lo, hi)
  * of its chunk and (but the fold) where to add the chunk's results. */
 
-/* The clients' rows: rows[k] points at element 0 of client k's update. */
+/* The clients' rows: rows[k] points at element 0 of client k's update or, where rows is NULL,
+ * row k starts at base + k * row_stride (a matrix: no pointer array to build per call). */
 typedef struct {
     const void *const *rows;
+    const char *base;
+    int64_t row_stride;          /* bytes */
     int64_t num_clients;
     int32_t dtype;               /* 0 float32, 1 bfloat16, 2 float16 */
     const float *weights;        /* w_k: p̄_k for an aggregate, the raw p_k for a fold */
@@ -140,51 +143,51 @@ static inline float sign_float(float x) {
     return (x > 0.0f ? 1.0f : 0.0f) - (x < 0.0f ? 1.0f : 0.0f);
 }
 
-/* Fold clients [k0, k0 + 4) (or one, R = 1) into the tile's sums: four rows per sweep of the
- * tile, so the accumulators are loaded and stored once per four rows; S still adds the clients
- * in order k0, k0 + 1, ... The unweighted count is an exact int32. */
+/* Fold four clients (or one, r = 1): rows[0..r), weights w[0..r) and a[0..r), into the tile's
+ * sums: four rows per sweep of the tile, so the accumulators are loaded and stored once per four
+ * rows; S still adds the clients in order 0, 1, ... The unweighted count is an exact int32. */
 #define DEFINE_FOLD(NAME, LOAD)                                                                  \
-    MULTIVERSION                                                                               \
-    static void NAME(const void *const *rows, int64_t k0, int r, int64_t start, int len,         \
-                     const float *w, const float *a, int fresh, float *restrict total,         \
-                     float *restrict fcount, int32_t *restrict icount) {                       \
-        const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],       \
-                   *r3 = rows[k0 + 3 * (r > 1)];                                               \
-        float w0 = w[k0];                                                                      \
-        if (r == 1 && a) {                                                                     \
-            float a0 = a[k0];                                                                  \
-            for (int j = 0; j < len; ++j) {                                                    \
-                float x0 = LOAD(r0, start + j);                                                \
-                total[j] = (fresh ? 0.0f : total[j]) + w0 * x0;                                \
-                fcount[j] = (fresh ? 0.0f : fcount[j]) + a0 * sign_float(x0);                  \
-            }                                                                                  \
-        } else if (r == 1) {                                                                   \
-            for (int j = 0; j < len; ++j) {                                                    \
-                float x0 = LOAD(r0, start + j);                                                \
-                total[j] = (fresh ? 0.0f : total[j]) + w0 * x0;                                \
-                icount[j] = (fresh ? 0 : icount[j]) + sign_int(x0);                            \
-            }                                                                                  \
-        } else if (a) {                                                                        \
-            float w1 = w[k0 + 1], w2 = w[k0 + 2], w3 = w[k0 + 3];                              \
-            float a0 = a[k0], a1 = a[k0 + 1], a2 = a[k0 + 2], a3 = a[k0 + 3];                  \
-            for (int j = 0; j < len; ++j) {                                                    \
-                float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                      \
-                float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                      \
+    MULTIVERSION                                                                                 \
+    static void NAME(const void *const *rows, int r, int64_t start, int len,                     \
+                     const float *w, const float *a, int fresh, float *restrict total,           \
+                     float *restrict fcount, int32_t *restrict icount) {                         \
+        const void *r0 = rows[0], *r1 = rows[(r > 1)], *r2 = rows[2 * (r > 1)],                  \
+                   *r3 = rows[3 * (r > 1)];                                                      \
+        float w0 = w[0];                                                                         \
+        if (r == 1 && a) {                                                                       \
+            float a0 = a[0];                                                                     \
+            for (int j = 0; j < len; ++j) {                                                      \
+                float x0 = LOAD(r0, start + j);                                                  \
+                total[j] = (fresh ? 0.0f : total[j]) + w0 * x0;                                  \
+                fcount[j] = (fresh ? 0.0f : fcount[j]) + a0 * sign_float(x0);                    \
+            }                                                                                    \
+        } else if (r == 1) {                                                                     \
+            for (int j = 0; j < len; ++j) {                                                      \
+                float x0 = LOAD(r0, start + j);                                                  \
+                total[j] = (fresh ? 0.0f : total[j]) + w0 * x0;                                  \
+                icount[j] = (fresh ? 0 : icount[j]) + sign_int(x0);                              \
+            }                                                                                    \
+        } else if (a) {                                                                          \
+            float w1 = w[1], w2 = w[2], w3 = w[3];                                               \
+            float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                                    \
+            for (int j = 0; j < len; ++j) {                                                      \
+                float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                        \
+                float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                        \
                 total[j] = ((((fresh ? 0.0f : total[j]) + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3; \
-                fcount[j] = ((((fresh ? 0.0f : fcount[j]) + a0 * sign_float(x0))               \
-                              + a1 * sign_float(x1))                                       \
-                             + a2 * sign_float(x2)) + a3 * sign_float(x3);                     \
-            }                                                                                  \
-        } else {                                                                               \
-            float w1 = w[k0 + 1], w2 = w[k0 + 2], w3 = w[k0 + 3];                              \
-            for (int j = 0; j < len; ++j) {                                                    \
-                float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                      \
-                float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                      \
+                fcount[j] = ((((fresh ? 0.0f : fcount[j]) + a0 * sign_float(x0))                 \
+                              + a1 * sign_float(x1))                                             \
+                             + a2 * sign_float(x2)) + a3 * sign_float(x3);                       \
+            }                                                                                    \
+        } else {                                                                                 \
+            float w1 = w[1], w2 = w[2], w3 = w[3];                                               \
+            for (int j = 0; j < len; ++j) {                                                      \
+                float x0 = LOAD(r0, start + j), x1 = LOAD(r1, start + j);                        \
+                float x2 = LOAD(r2, start + j), x3 = LOAD(r3, start + j);                        \
                 total[j] = ((((fresh ? 0.0f : total[j]) + w0 * x0) + w1 * x1) + w2 * x2) + w3 * x3; \
-                icount[j] = (fresh ? 0 : icount[j])                                            \
-                            + (sign_int(x0) + sign_int(x1) + sign_int(x2) + sign_int(x3));     \
-            }                                                                                  \
-        }                                                                                      \
+                icount[j] = (fresh ? 0 : icount[j])                                              \
+                            + (sign_int(x0) + sign_int(x1) + sign_int(x2) + sign_int(x3));       \
+            }                                                                                    \
+        }                                                                                        \
     }
 
 DEFINE_FOLD(fold_f32, load_f32)
@@ -201,30 +204,30 @@ DEFINE_FOLD(fold_f16, load_f16)
 #define HAVE_FOLD_AVX512 1
 #define LOAD16_F32(ROW) _mm512_loadu_ps((const float *)(ROW) + start + j)
 #define LOAD16_BF16(ROW)                                                                         \
-    _mm512_castsi512_ps(_mm512_slli_epi32(                                                         \
+    _mm512_castsi512_ps(_mm512_slli_epi32(                                                       \
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ROW) + start + j))), 16))
 #define LOAD16_F16(ROW)                                                                          \
     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ROW) + start + j)))
 #define SIGN_F(X) _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), one), \
                                 _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), one))
 #define SIGN_I(C, X)                                                                             \
-    C = _mm512_mask_sub_epi32(                                                                     \
-        _mm512_mask_add_epi32(C, _mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), C, ione),               \
+    C = _mm512_mask_sub_epi32(                                                                   \
+        _mm512_mask_add_epi32(C, _mm512_cmp_ps_mask(X, zero, _CMP_GT_OQ), C, ione),              \
         _mm512_cmp_ps_mask(X, zero, _CMP_LT_OQ), C, ione)
 #define ADD_MUL(S, W, X) S = _mm512_add_ps(S, _mm512_mul_ps(W, X))
 
 #define DEFINE_FOLD_AVX512(NAME, LOAD16, PORTABLE)                                               \
     __attribute__((target("avx512f"))) static void NAME(                                         \
-            const void *const *rows, int64_t k0, int r, int64_t start, int len, const float *w,  \
+            const void *const *rows, int r, int64_t start, int len, const float *w,              \
             const float *a, int fresh, float *restrict total, float *restrict fcount,            \
             int32_t *restrict icount) {                                                          \
-        const void *r0 = rows[k0], *r1 = rows[k0 + (r > 1)], *r2 = rows[k0 + 2 * (r > 1)],       \
-                   *r3 = rows[k0 + 3 * (r > 1)];                                                 \
+        const void *r0 = rows[0], *r1 = rows[(r > 1)], *r2 = rows[2 * (r > 1)],                  \
+                   *r3 = rows[3 * (r > 1)];                                                      \
         const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);                     \
         const __m512i ione = _mm512_set1_epi32(1);                                               \
-        const __m512 w0 = _mm512_set1_ps(w[k0]), w1 = _mm512_set1_ps(w[k0 + (r > 1)]),           \
-                     w2 = _mm512_set1_ps(w[k0 + 2 * (r > 1)]),                                   \
-                     w3 = _mm512_set1_ps(w[k0 + 3 * (r > 1)]);                                   \
+        const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[(r > 1)]),                 \
+                     w2 = _mm512_set1_ps(w[2 * (r > 1)]),                                        \
+                     w3 = _mm512_set1_ps(w[3 * (r > 1)]);                                        \
         int j = 0;                                                                               \
         for (; j + 16 <= len; j += 16) {                                                         \
             __m512 x0 = LOAD16(r0), s = fresh ? zero : _mm512_loadu_ps(total + j);               \
@@ -233,7 +236,7 @@ DEFINE_FOLD(fold_f16, load_f16)
                 _mm512_storeu_ps(total + j, s);                                                  \
                 if (a) {                                                                         \
                     __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);                       \
-                    ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));                               \
+                    ADD_MUL(f, _mm512_set1_ps(a[0]), SIGN_F(x0));                                \
                     _mm512_storeu_ps(fcount + j, f);                                             \
                 } else {                                                                         \
                     __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j); \
@@ -249,10 +252,10 @@ DEFINE_FOLD(fold_f16, load_f16)
             _mm512_storeu_ps(total + j, s);                                                      \
             if (a) {                                                                             \
                 __m512 f = fresh ? zero : _mm512_loadu_ps(fcount + j);                           \
-                ADD_MUL(f, _mm512_set1_ps(a[k0]), SIGN_F(x0));                                   \
-                ADD_MUL(f, _mm512_set1_ps(a[k0 + 1]), SIGN_F(x1));                               \
-                ADD_MUL(f, _mm512_set1_ps(a[k0 + 2]), SIGN_F(x2));                               \
-                ADD_MUL(f, _mm512_set1_ps(a[k0 + 3]), SIGN_F(x3));                               \
+                ADD_MUL(f, _mm512_set1_ps(a[0]), SIGN_F(x0));                                    \
+                ADD_MUL(f, _mm512_set1_ps(a[1]), SIGN_F(x1));                                    \
+                ADD_MUL(f, _mm512_set1_ps(a[2]), SIGN_F(x2));                                    \
+                ADD_MUL(f, _mm512_set1_ps(a[3]), SIGN_F(x3));                                    \
                 _mm512_storeu_ps(fcount + j, f);                                                 \
             } else {                                                                             \
                 __m512i c = fresh ? _mm512_setzero_si512() : _mm512_loadu_si512(icount + j);     \
@@ -264,7 +267,7 @@ DEFINE_FOLD(fold_f16, load_f16)
             }                                                                                    \
         }                                                                                        \
         if (j < len)                                                                             \
-            PORTABLE(rows, k0, r, start + j, len - j, w, a, fresh, total + j, fcount + j,        \
+            PORTABLE(rows, r, start + j, len - j, w, a, fresh, total + j, fcount + j,            \
                      icount + j);                                                                \
     }
 
@@ -379,10 +382,10 @@ static void finish_tile(const float *restrict total, float *restrict fcount,
     if (a_out) memcpy(a_out, fcount, (size_t)len * sizeof(float));
 }
 
-/* A fold of clients [k0, k0 + r) (r = 4 or 1) into a run's sums, as DEFINE_FOLD writes it. */
-typedef void FoldFn(const void *const *rows, int64_t k0, int r, int64_t start, int len,
-                    const float *w, const float *a, int fresh, float *restrict total,
-                    float *restrict fcount, int32_t *restrict icount);
+/* A fold of r clients (r = 4 or 1) into a run's sums, as DEFINE_FOLD writes it. */
+typedef void FoldFn(const void *const *rows, int r, int64_t start, int len, const float *w,
+                    const float *a, int fresh, float *restrict total, float *restrict fcount,
+                    int32_t *restrict icount);
 
 /* The fold for rows of dtype (0 float32, 1 bfloat16, 2 float16), or NULL for another code. */
 static FoldFn *fold_for(int dtype) {
@@ -395,16 +398,24 @@ static FoldFn *fold_for(int dtype) {
     return portable[dtype];
 }
 
-/* Fold every client into the run's sums; with fresh the sums start at zero (they are not read),
- * else the clients are added to them. */
-static int fold_tile(const void *const *rows, int dtype, int64_t num_clients, int64_t start,
-                     int len, const float *w, const float *a, int fresh, float *total,
+/* Where client k's row starts. */
+static inline const void *row_at(const Rows *rows, int64_t k) {
+    return rows->rows ? rows->rows[k] : rows->base + k * rows->row_stride;
+}
+
+/* Fold every client into the run's sums, four at a time; with fresh the sums start at zero (they
+ * are not read), else the clients are added to them. */
+static int fold_tile(const Rows *rows, int64_t start, int len, int fresh, float *total,
                      float *fcount, int32_t *icount) {
-    FoldFn *fold = fold_for(dtype);
+    FoldFn *fold = fold_for(rows->dtype);
     if (!fold) return -1;
-    for (int64_t k = 0; k < num_clients;) {
-        int r = num_clients - k >= 4 ? 4 : 1;
-        fold(rows, k, r, start, len, w, a, fresh && k == 0, total, fcount, icount);
+    const float *a = rows->agree_weights;
+    for (int64_t k = 0; k < rows->num_clients;) {
+        int r = rows->num_clients - k >= 4 ? 4 : 1;
+        const void *group[4];
+        for (int i = 0; i < r; ++i) group[i] = row_at(rows, k + i);
+        fold(group, r, start, len, rows->weights + k, a ? a + k : NULL, fresh && k == 0, total,
+             fcount, icount);
         k += r;
     }
     return 0;
@@ -558,8 +569,7 @@ int gma_cpu_aggregate(const AggregateArgs *args, int64_t lo, int64_t hi, Sums *s
     int code = 0;
     for (int64_t start = lo; start < hi && code == 0; start += FOLD_TILE) {
         int len = (int)(hi - start < FOLD_TILE ? hi - start : FOLD_TILE);
-        if (fold_tile(rows->rows, rows->dtype, rows->num_clients, start, len, rows->weights,
-                      rows->agree_weights, 1, total, fcount, icount)) {
+        if (fold_tile(rows, start, len, 1, total, fcount, icount)) {
             code = -1;
             break;
         }
@@ -650,7 +660,7 @@ static int64_t nonfinite_in(const void *row, int dtype, int64_t lo, int64_t hi) 
 int gma_cpu_nonfinite(const Rows *rows, int64_t lo, int64_t hi, double *counts) {
     if (rows->dtype < 0 || rows->dtype > 2) return -1;
     for (int64_t k = 0; k < rows->num_clients; ++k)
-        counts[k] += (double)nonfinite_in(rows->rows[k], rows->dtype, lo, hi);
+        counts[k] += (double)nonfinite_in(row_at(rows, k), rows->dtype, lo, hi);
     return 0;
 }
 
@@ -669,8 +679,7 @@ int gma_cpu_fold(const FoldArgs *args, int64_t lo, int64_t hi) {
         int len = (int)(hi - start < FOLD_TILE ? hi - start : FOLD_TILE);
         memcpy(fcount, C + start, (size_t)len * sizeof(float));
         memset(icount, 0, sizeof(int32_t) * len);
-        if (fold_tile(rows->rows, rows->dtype, rows->num_clients, start, len, rows->weights,
-                      rows->agree_weights, 0, S + start, fcount, icount)) {
+        if (fold_tile(rows, start, len, 0, S + start, fcount, icount)) {
             code = -1;
             break;
         }

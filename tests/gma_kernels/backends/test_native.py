@@ -27,13 +27,16 @@ from gk_util import PARAM_DTYPES, assert_close, data_scale, make, needs_native
 
 @needs_native
 @PARAM_DTYPES
-@pytest.mark.parametrize("k", [1, 4, 7, 64])
+@pytest.mark.parametrize("k, kind", [(1, "list"), (1, "matrix"), (4, "list"), (4, "rowslice"),
+                                     (7, "matrix"), (7, "rowslice"), (64, "list"),
+                                     (64, "matrix")])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_native_identical_to_chunks(dtype, k, weighted, many_threads, monkeypatch):
+def test_native_identical_to_chunks(dtype, k, weighted, kind, many_threads, monkeypatch):
     """The C fold (its AVX-512 loop where the CPU has one, the portable loop for the last
     columns) adds the same products in the same order as the PyTorch-ops path: the same
-    agreement and the same masked mean, bit for bit, for every row dtype."""
-    updates, _, w = make(k, k, 3001, dtype, "list", device="cpu")
+    agreement and the same masked mean, bit for bit, for every row dtype, with the rows given
+    as pointers (a list) or as a matrix's first row and row stride (its own or a wider one's)."""
+    updates, _, w = make(k, k, 3001, dtype, kind, device="cpu")
     results = []
     for enabled in (True, False):
         monkeypatch.setattr(_native, "ENABLED", enabled)
