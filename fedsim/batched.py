@@ -208,8 +208,8 @@ def _stacked(x: Tensor) -> Tensor:
     """``[C, B, ch, H, W]`` images as ``[B, C·ch, H, W]``: the clients' channels side by side,
     on a CPU channels last (a view when ``x`` came from ``_unstacked``, as between convolutions
     and poolings). Channels last because there a pooling over many small channel planes runs
-    an order of magnitude faster so (2-core CPU, ``[32, 160, 8, 8]``: 0.06 ms against 1.8 ms),
-    and a convolution keeps that layout."""
+    an order of magnitude faster so (measured in benchmarks/results/before-after/
+    fedsim-cohort.md), and a convolution keeps that layout."""
     c, b, ch = x.shape[:3]
     stacked = x.transpose(0, 1).reshape(b, c * ch, *x.shape[3:])
     if stacked.device.type == "cpu":

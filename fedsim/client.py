@@ -500,8 +500,7 @@ def build_trainer(engine: str, model: nn.Module, data: ClientData, **settings) -
 
 #: On a CPU, at most this many bytes of one batch's forward activations in a cohort: beyond it
 #: the batched layers leave the caches and a cohort runs slower than one client at a time
-#: (28×28 CNN, batch 32, about 11 MB a client, 2-core CPU: cohorts of 4 clients 12.1 s a round
-#: of 5,400 examples, of 10 clients 13.7 s, of 72 clients 18–19.5 s; one client at a time 14 s)
+#: (measured in docs/fedsim-engines.md, "CNNs")
 CPU_ACTIVATION_BUDGET = 64 << 20
 
 
