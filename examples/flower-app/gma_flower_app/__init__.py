@@ -1,0 +1,1 @@
+"""gma-flower-app: a Flower App aggregating with gradient masked averaging."""
