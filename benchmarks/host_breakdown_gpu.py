@@ -1,8 +1,9 @@
 """Where a synchronized ``gma_step(backend="triton")`` call's host time goes, piece by piece, on
 a case so small (N = 4096) that the GPU's own work is nil: the front's checks (configs, batch,
 params, job), the row table, the backend's pass (row table and launch, with the guard's sync
-or without the guard), and the whole call with and without the guard. The pieces are the library's own internals, called as the call
-calls them; each is the best of 5 repeats of 300 calls, in µs. It tells which part a leaner
+or without the guard), and the whole call with and without the guard. The pieces are the
+library's own internals, called as the call calls them; each is the best of 5 repeats of 300
+calls, in µs. It tells which part a leaner
 path must cut (the per-call target at N = 2^24 leaves a few tens of µs for all of it).
 
     python benchmarks/host_breakdown_gpu.py --out benchmarks/results/gpu/host-breakdown.json

@@ -25,7 +25,7 @@ The model's own ``central_optimizer`` (which ``PyTorchModel`` requires) is not u
 optimizer's settings are this algorithm's. Privacy postprocessors (clipping, noise) would treat
 the sign entries as part of the update; GMA with pfl's differential privacy is not supported.
 Needs ``pfl`` (``pip install 'pfl[pytorch]'``) with a ``PyTorchModel``. Example:
-``docs/pfl.md``.
+``docs/arrays-and-distributed.md`` ("pfl-research").
 """
 from __future__ import annotations
 
