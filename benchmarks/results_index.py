@@ -205,7 +205,7 @@ def render() -> str:
                   "| recipe | what |", "|---|---|"]
         for entry in sorted(recipes.iterdir()):
             if entry.is_dir():
-                page = next((entry / n for n in ("summary.md", "results.md")
+                page = next((entry / n for n in ("README.md", "summary.md", "results.md")
                              if (entry / n).exists()), None)
                 target = link(page) if page else link(entry) + "/"
                 what = heading(page) if page else ""
