@@ -1,38 +1,51 @@
-"""The positive control at 2, 5 and 20 local steps, as one report: four sweeps of the same
-settings (``sweep.toml`` here), run as two one-thread lanes on the 2-core CPU, each cell
-holding FedAvg and FedGMA (hard, τ = 1, rescaled). Local steps 20 ran as two sweeps (seeds
-0-2 and 3-4); their metrics are joined into one cell of seeds 0-4 (in a scratch folder)
-before the analysis.
+"""The positive control at 2, 5 and 20 local steps, as one report: the sweeps of the same
+settings (``sweep.toml`` here) that ran as one-thread lanes on the 2-core CPU: FedAvg with
+FedGMA's hard mask at τ = 1 (``*-sweep-spirals-steps*``), and FedGMA's soft mask at τ = 0.4
+alone (``*-sweep-soft-steps*``). Local steps 20 ran as two sweeps each (seeds 0-2 and 3-4):
+each method's rows are joined, per setting, into one cell of seeds 0-4 (in a scratch folder)
+before the analysis, which chooses the mask per local step on validation accuracy.
 
-    python analyse_local_steps.py RUNS_DIR OUT_DIR
+    python analyse_local_steps.py RUNS_DIR [RUNS_DIR ...] OUT_DIR
 """
+import json
 import sys
 import tempfile
 from pathlib import Path
 
-from fedsim.analysis import analyse, condition_curve, write_report
+from fedsim.algorithms import matters
+from fedsim.analysis import analyse, write_report
+from fedsim.config import tomllib
 
-runs, out = Path(sys.argv[1]), Path(sys.argv[2])
-joined: dict[int, list[str]] = {}
-for sweep in sorted(runs.glob("*-sweep-spirals-steps*")):
+*runs, out = map(Path, sys.argv[1:])
+joined: dict[tuple, list[str]] = {}
+for sweep in sorted(s for r in runs for s in r.glob("*-sweep-*-steps*")):
+    base = tomllib.loads((sweep / "sweep.toml").read_text())["base"]
     for cell in (sweep / "cells").iterdir():
         if not (cell / "results.json").is_file():
             sys.exit(f"{cell}: not finished")
         steps = int(cell.name.split("=")[1])
-        joined.setdefault(steps, []).extend((cell / "metrics.jsonl").read_text().splitlines())
+        for line in (cell / "metrics.jsonl").read_text().splitlines():
+            method = json.loads(line)["method"]
+            values = tuple((k, v) for k, v in (("local_steps", steps),
+                                                ("gma_mask", base["gma_mask"]),
+                                                ("gma_tau", base["gma_tau"]))
+                           if matters(method, k))
+            joined.setdefault(values, []).append(line)
 cells = []
 scratch = Path(tempfile.mkdtemp())
-for steps, lines in sorted(joined.items()):
-    folder = scratch / f"local_steps={steps}"
-    folder.mkdir(parents=True, exist_ok=True)
+for i, (values, lines) in enumerate(sorted(joined.items(),
+                                            key=lambda kv: (kv[0][0][1], len(kv[0]), str(kv[0])))):
+    folder = scratch / str(i)
+    folder.mkdir()
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    cells.append(((("local_steps", steps),), folder, {}))
-report = analyse(cells, {"local_steps": tuple(sorted(joined))}, baseline="fedavg",
-                 conditions=("local_steps",))
+    cells.append((values, folder, {}))
+grid = {k: tuple(sorted({dict(v)[k] for v in joined if k in dict(v)}, key=str))
+        for k in ("local_steps", "gma_mask", "gma_tau")}
+grid["local_steps"] = tuple(sorted(grid["local_steps"]))
+out.mkdir(parents=True, exist_ok=True)
+report = analyse(cells, grid, baseline="fedavg", conditions=("local_steps",))
 write_report(out, report)
-for label, points in condition_curve(report, "local_steps").items():
-    print(label, [(x, round(100 * o["mean"], 1), round(100 * o["std"], 1)) for x, o, _ in points])
-for row in report["selection"]:
-    paired = row["paired_vs_baseline"]
-    if row["method"] == "fedgma" and paired:
-        print(row["condition"], "fedgma - fedavg OOD", paired)
+for cell in report["cells"]:
+    paired = cell["paired_vs_baseline"]
+    print(cell["method"], cell["values"], "OOD", cell["final"]["ood_acc"],
+          "paired", paired and paired["ood_acc"])
