@@ -39,9 +39,8 @@ for i, (values, lines) in enumerate(sorted(joined.items(),
     folder.mkdir()
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     cells.append((values, folder, {}))
-grid = {k: tuple(sorted({dict(v)[k] for v in joined if k in dict(v)}, key=str))
+grid = {k: tuple(sorted({dict(v)[k] for v in joined if k in dict(v)}))
         for k in ("local_steps", "gma_mask", "gma_tau")}
-grid["local_steps"] = tuple(sorted(grid["local_steps"]))
 out.mkdir(parents=True, exist_ok=True)
 report = analyse(cells, grid, baseline="fedavg", conditions=("local_steps",))
 write_report(out, report)

@@ -12,7 +12,7 @@ for d in sorted((curve / "cells").iterdir()):
         continue
     name, rename = d.name, {}
     if name.startswith("control-"):
-        method, _, rest = name[len("control-"):].partition("-reversed")
+        _, _, rest = name[len("control-"):].partition("-reversed")
         rest = "reversed" + rest
         rename = {"fedavg": "fedavg (step x fedgma density)"}
     else:
